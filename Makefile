@@ -1,0 +1,33 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both install what they need first
+# (idempotently: an installed torch is kept; without one, the CPU build torch==2.13.0 is installed).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := build/.installed-$(shell $(PYTHON) -c "import sys; print(sys.version_info[0]*100+sys.version_info[1])")
+SOURCES := $(shell find csrc kernels perturbdiff -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py' -o -name '*.toml' \)) setup.py CMakeLists.txt pyproject.toml
+
+.PHONY: install demo test bench bench-full gpu-validate clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install --no-build-isolation -e '.[test]'
+	@mkdir -p build && touch $@
+
+demo: install
+	$(PYTHON) -m perturbdiff demo --out demo_out
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) -m perturbdiff bench --out benchmarks/out
+
+bench-full: install
+	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-columns=median,ops,rounds -p no:cacheprovider
+
+gpu-validate: install
+	$(PYTHON) -m perturbdiff bench --gpu-validate --out gpu_results
+
+clean:
+	rm -rf build dist *.egg-info perturbdiff/_C*.so

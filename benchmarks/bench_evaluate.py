@@ -1,0 +1,126 @@
+"""perturbdiff evaluate vs cell-eval 0.8.2 on the same inputs (500, 2,000, 18,080 genes).
+
+Inputs: the shared dataset's cells; its 500 genes are tiled (with per-copy noise) to reach
+larger panels. The prediction shuffles perturbed cells and adds noise, keeping the controls.
+Each tool runs end to end in a fresh process (wall time, peak RSS), then the metric work is
+timed warm inside one process. Usage:
+    python benchmarks/bench_evaluate.py [--genes 500 2000 18080] [--skip-cell-eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "perturbench_devel.h5ad"
+
+
+def make_inputs(n_genes: int, out: Path) -> tuple[Path, Path]:
+    import anndata as ad
+    import scipy.sparse as sp
+    real = ad.read_h5ad(SHARED)
+    rng = np.random.default_rng(0)
+    x = real.X.toarray()
+    reps = -(-n_genes // x.shape[1])
+    blocks = [x] + [np.clip(x + rng.normal(0, 0.05, x.shape) * (x > 0), 0, None)
+                    for _ in range(reps - 1)]
+    x = np.hstack(blocks)[:, :n_genes]
+    names = [f"{g}_{i}" if i else g for i in range(reps) for g in real.var_names][:n_genes]
+    real = ad.AnnData(sp.csr_matrix(x), obs=real.obs[["condition", "cell_type"]].copy())
+    real.var_names = names
+    idx = np.flatnonzero(real.obs["condition"].to_numpy(str) != "control")
+    y = x.copy()
+    y[idx] = x[rng.permutation(idx)] + np.abs(rng.normal(0, 0.3, (len(idx), n_genes))) * (
+        rng.random((len(idx), n_genes)) < 0.1)
+    pred = real.copy()
+    pred.X = sp.csr_matrix(y)
+    paths = out / f"real_{n_genes}.h5ad", out / f"pred_{n_genes}.h5ad"
+    real.write_h5ad(paths[0])
+    pred.write_h5ad(paths[1])
+    return paths
+
+
+def run_tool(tool: str, real: Path, pred: Path, out: Path, warm: bool) -> dict:
+    """Executed in a child process: time the evaluation, report wall time and peak RSS."""
+    t0 = time.perf_counter()
+    if tool == "perturbdiff":
+        from perturbdiff.evaluate import evaluate
+
+        def once():
+            return evaluate(str(pred), str(real), "condition", "control",
+                            progress=False).per_pert
+    else:
+        import cell_eval
+
+        def once():
+            ev = cell_eval.MetricsEvaluator(adata_pred=str(pred), adata_real=str(real),
+                                            control_pert="control", pert_col="condition",
+                                            outdir=str(out / "ce"), num_threads=2)
+            return ev.compute(profile="full", write_csv=False)[0].to_pandas()
+    table = once()
+    first = time.perf_counter() - t0
+    warm_s = None
+    if warm:
+        t1 = time.perf_counter()
+        once()
+        warm_s = time.perf_counter() - t1
+    table.to_csv(out / f"{tool}_{real.stem}.csv", index=False)
+    return {"end_to_end_s": first, "warm_s": warm_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(tool, real, pred, out) -> dict:
+    code = (f"import json,sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r});"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            "from bench_evaluate import run_tool; from pathlib import Path;"
+            f"print(json.dumps(run_tool({tool!r}, Path({str(real)!r}), Path({str(pred)!r}),"
+            f" Path({str(out)!r}), True)))")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                          text=True, check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_s"] = time.perf_counter() - t0  # includes interpreter + imports
+    return res
+
+
+def max_diff(out: Path, stem: str) -> float:
+    import pandas as pd
+    a = pd.read_csv(out / f"perturbdiff_{stem}.csv").set_index("perturbation")
+    b = pd.read_csv(out / f"cell-eval_{stem}.csv").set_index("perturbation")
+    cols = [c for c in b.columns if c in a.columns and not c.startswith(("overlap", "precision"))]
+    d = (a.loc[b.index, cols] - b[cols]).abs().to_numpy()
+    return float(np.nanmax(d))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--genes", type=int, nargs="+", default=[500, 2000, 18080])
+    parser.add_argument("--skip-cell-eval", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for g in args.genes:
+            real, pred = make_inputs(g, out)
+            tools = ["perturbdiff"] + ([] if args.skip_cell_eval else ["cell-eval"])
+            res = {t: child(t, real, pred, out) for t in tools}
+            for t, r in res.items():
+                print(f"genes={g:6d} {t:12s} process {r['process_s']:7.2f}s  evaluate "
+                      f"{r['end_to_end_s']:7.2f}s  warm {r['warm_s']:7.2f}s  "
+                      f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+            if len(res) == 2:
+                a, b = res["perturbdiff"], res["cell-eval"]
+                print(f"genes={g:6d} speed-up: end to end x{b['process_s'] / a['process_s']:.1f}"
+                      f", metric work (warm) x{b['warm_s'] / a['warm_s']:.1f}, max |diff| of "
+                      f"tie-free shared metrics {max_diff(out, real.stem):.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

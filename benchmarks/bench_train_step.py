@@ -1,0 +1,107 @@
+"""Training-step throughput (cells/s) and peak memory of the PerturbDiff step at the authors' size.
+
+One step = the stochastic objective (self-conditioning and guidance-dropout coins alternate over
+the timed steps, as in training) + backward + grad clipping + AdamW. Each case runs in a fresh
+subprocess so its peak RSS is its own. `--naive-loss` swaps the fused ops energy distance for a
+plain torch.cdist version to show the loss's share of the step.
+
+    python benchmarks/bench_train_step.py            # the cases recorded in results/train.md
+    python benchmarks/bench_train_step.py --quick    # tiny smoke version
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+CASES = [  # (genes, set size, sets per batch)
+    (2000, 64, 2), (18080, 64, 1), (2000, 256, 2),
+]
+
+
+def naive_energy(x, y, weights=None):
+    """geomloss-style half energy distance with torch.cdist (the authors' cost model)."""
+    def mean_dist(a, b):
+        return torch.cdist(a, b).mean((1, 2))
+    return mean_dist(x, y) - 0.5 * mean_dist(x, x) - 0.5 * mean_dist(y, y)
+
+
+def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, threads):
+    from perturbdiff import diffusion as D
+    from perturbdiff.diffusion import GaussianDiffusion, LossConfig
+    from perturbdiff.model import PerturbDiffModel
+    from perturbdiff.train import make_optimizer
+    from perturbdiff.config import DEFAULTS
+
+    torch.set_num_threads(threads)
+    if naive:
+        D.set_discrepancy = lambda pred, target, w, cfg: naive_energy(target, pred)
+    vocab = {"perturbation": [f"p{i}" for i in range(50)], "context": ["a", "b"], "batch": ["b0"]}
+    torch.manual_seed(0)
+    model = PerturbDiffModel(genes, vocab, width=width, depth=depth, heads=heads)
+    opt = make_optimizer(model, DEFAULTS["optim"])
+    diff = GaussianDiffusion()
+    cfg = LossConfig(exclude_padding=False)
+    batch = {"x": torch.rand(sets, set_size, genes) * 0.3, "ctrl": torch.rand(sets, set_size, genes) * 0.3,
+             "mask": torch.ones(sets, set_size, dtype=torch.bool), "pert": torch.zeros(sets, dtype=torch.long),
+             "context": torch.zeros(sets, dtype=torch.long), "batch": torch.zeros(sets, dtype=torch.long)}
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None
+    coins = [(False, False), (True, False), (False, True), (True, True)]
+
+    def step(i):
+        opt.zero_grad(set_to_none=True)
+        drop, sc = coins[i % 4]
+        out = diff.training_losses(model, batch, cfg, torch.Generator().manual_seed(i), drop_cond=drop,
+                                   self_cond=sc, drop_control=False, autocast=autocast)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for i in range(2):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sec = (time.perf_counter() - t0) / steps
+    return {"genes": genes, "set_size": set_size, "sets": sets, "naive_loss": naive, "bf16": bf16,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "s_per_step": round(sec, 3), "cells_per_s": round(sets * set_size / sec, 1),
+            "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes (smoke test)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per case (after 2 warm-up steps)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON args of one case
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_case(**json.loads(args.one))))
+        return
+    size = dict(width=64, depth=2, heads=4) if args.quick else dict(width=512, depth=8, heads=8)
+    cases = [(200, 16, 2)] if args.quick else CASES
+    jobs = []
+    for genes, s, b in cases:
+        for naive in (False, True):
+            jobs.append(dict(genes=genes, set_size=s, sets=b, naive=naive, bf16=False))
+        if args.bf16:
+            jobs.append(dict(genes=genes, set_size=s, sets=b, naive=False, bf16=True))
+    print(f"{'G':>6} {'S':>4} {'B':>2} {'loss':>6} {'bf16':>5} {'params':>8} {'s/step':>7} {'cells/s':>8} {'peakRSS':>8}")
+    for job in jobs:
+        spec = json.dumps({**job, **size, "steps": args.steps, "threads": args.threads})
+        out = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['genes']:>6} {r['set_size']:>4} {r['sets']:>2} {'naive' if r['naive_loss'] else 'ops':>6} "
+              f"{str(r['bf16']):>5} {r['params_M']:>7}M {r['s_per_step']:>7} {r['cells_per_s']:>8} "
+              f"{r['peak_rss_GiB']:>6}GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+// Vectorised tile epilogues (see epilogue.h). This file is compiled twice: as is (portable SIMD
+// emulation of at::vec, namespace DEFAULT) and through avx2/epilogue_avx2.cpp with AVX2 + FMA.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include "cpu/epilogue.h"
+
+#include "cpu/epilogue_dispatch.h"
+
+#include <limits>
+
+namespace perturbdiff::cpu::CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Sum of a vector's lanes in double (lane partial sums are short, the row total is not).
+template <typename T>
+double lane_sum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  double s = 0.0;
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Self-pairs get D = 0 exactly: with G_pp = |a_p|^2 the expansion |a|^2 + |a|^2 - 2 G_pp is 0.
+template <typename T>
+void zero_self_distances(const Tile<T>& t) {
+  if (!t.diagonal) return;
+  for (int64_t p = 0; p < t.rows; ++p) t.gram[p * t.ld + p] = t.row_norm[p];
+}
+
+// |a|^2 + |b|^2 - 2 a.b loses about eps (|a|^2 + |b|^2) to cancellation: below this fraction of
+// |a|^2 + |b|^2 the distance is recomputed directly. Those pairs are (near-)duplicate cells, where
+// the non-smooth kernels (sqrt) would turn the rounding error into a visible one.
+template <typename T>
+constexpr T kRecomputeBelow = T(1e5) * std::numeric_limits<T>::epsilon();
+
+template <typename T>
+T direct_distance(const T* a, const T* b, int64_t genes) {
+  double s = 0.0;
+  for (int64_t k = 0; k < genes; ++k) {
+    const double d = static_cast<double>(a[k]) - static_cast<double>(b[k]);
+    s += d * d;
+  }
+  return static_cast<T>(s);
+}
+
+// D for lanes [q, q + n) of row p (n < size() only in the tail).
+template <typename T>
+Vec<T> distances(const Tile<T>& t, int64_t p, const T* g, const Vec<T>& row_norm, int64_t q, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const bool full = n == W;
+  Vec<T> gq = full ? Vec<T>::loadu(g + q) : Vec<T>::loadu(g + q, n);
+  Vec<T> nq = full ? Vec<T>::loadu(t.col_norm + q) : Vec<T>::loadu(t.col_norm + q, n);
+  Vec<T> d = at::vec::maximum(row_norm + nq - Vec<T>(T(2)) * gq, Vec<T>(T(0)));
+  const Vec<T> unresolved = d < Vec<T>(kRecomputeBelow<T>) * (row_norm + nq);
+  if (unresolved.zero_mask() == (1 << W) - 1) return d;  // the common case: no lane needs it
+  T lanes[W];
+  d.store(lanes);
+  for (int64_t l = 0; l < n; ++l) {
+    if (lanes[l] < kRecomputeBelow<T> * (t.row_norm[p] + t.col_norm[q + l])) {
+      lanes[l] = direct_distance(t.row_cells + p * t.genes, t.col_cells + (q + l) * t.genes, t.genes);
+    }
+  }
+  return Vec<T>::loadu(lanes);
+}
+
+template <typename T>
+Vec<T> load(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T, Kernel K>
+double pair_sum_impl(const RadialParams<T>& prm, const Tile<T>& t, bool exclude_diag, T* saved,
+                     int64_t ld_saved, T scale) {
+  constexpr int64_t W = Vec<T>::size();
+  zero_self_distances(t);
+  const double self_value = static_cast<double>(radial_value<K, T, T>(prm, T(0)));
+  double total = 0.0;
+  for (int64_t p = 0; p < t.rows; ++p) {
+    const T* g = t.gram + p * t.ld;
+    const Vec<T> np(t.row_norm[p]);
+    Vec<T> acc(T(0));
+    if (saved == nullptr) {
+      for (int64_t q = 0; q < t.cols; q += W) {
+        const int64_t n = std::min(W, t.cols - q);
+        acc = acc + load(t.col_w + q, n) * radial_value<K>(prm, distances(t, p, g, np, q, n));
+      }
+    } else {
+      T* s = saved + p * ld_saved;
+      const Vec<T> sw(scale * t.row_w[p]);
+      for (int64_t q = 0; q < t.cols; q += W) {
+        const int64_t n = std::min(W, t.cols - q);
+        Vec<T> f, d_f;
+        radial_value_and_grad<K>(prm, distances(t, p, g, np, q, n), f, d_f);
+        const Vec<T> wq = load(t.col_w + q, n);
+        acc = acc + wq * f;
+        (sw * wq * d_f).store(s + q, static_cast<int>(n));
+      }
+      if (t.diagonal) s[p] = T(0);
+    }
+    double row = lane_sum(acc);
+    if (t.diagonal && exclude_diag) row -= static_cast<double>(t.col_w[p]) * self_value;
+    total += static_cast<double>(t.row_w[p]) * row;
+  }
+  return total;
+}
+
+template <typename T, Kernel K>
+void pair_grad_impl(const RadialParams<T>& prm, const Tile<T>& t, T scale, double* row_sum,
+                    double* col_sum) {
+  constexpr int64_t W = Vec<T>::size();
+  zero_self_distances(t);
+  for (int64_t p = 0; p < t.rows; ++p) {
+    T* g = t.gram + p * t.ld;
+    const Vec<T> np(t.row_norm[p]);
+    const Vec<T> sw(scale * t.row_w[p]);
+    for (int64_t q = 0; q < t.cols; q += W) {
+      const int64_t n = std::min(W, t.cols - q);
+      const Vec<T> m = sw * load(t.col_w + q, n) * radial_grad<K>(prm, distances(t, p, g, np, q, n));
+      m.store(g + q, static_cast<int>(n));
+    }
+    if (t.diagonal) g[p] = T(0);
+    if (row_sum != nullptr) {
+      double s = 0.0;
+      for (int64_t q = 0; q < t.cols; ++q) s += g[q];
+      row_sum[p] += s;
+    }
+    if (col_sum != nullptr) {
+      for (int64_t q = 0; q < t.cols; ++q) col_sum[q] += g[q];
+    }
+  }
+}
+
+template <typename T, Kernel K>
+void col_sum_impl(const RadialParams<T>& prm, const Tile<T>& t, double* col_sum) {
+  constexpr int64_t W = Vec<T>::size();
+  zero_self_distances(t);
+  for (int64_t p = 0; p < t.rows; ++p) {
+    T* g = t.gram + p * t.ld;
+    const Vec<T> np(t.row_norm[p]);
+    const Vec<T> wp(t.row_w[p]);
+    for (int64_t q = 0; q < t.cols; q += W) {
+      const int64_t n = std::min(W, t.cols - q);
+      (wp * radial_value<K>(prm, distances(t, p, g, np, q, n))).store(g + q, static_cast<int>(n));
+    }
+    for (int64_t q = 0; q < t.cols; ++q) col_sum[q] += g[q];
+  }
+}
+
+// Run-time kernel -> compile-time template instance.
+#define PD_KERNEL_SWITCH(kernel, IMPL, ...)                                 \
+  switch (kernel) {                                                          \
+    case Kernel::RBF: return IMPL<T, Kernel::RBF>(__VA_ARGS__);              \
+    case Kernel::Laplacian: return IMPL<T, Kernel::Laplacian>(__VA_ARGS__);  \
+    case Kernel::IMQ: return IMPL<T, Kernel::IMQ>(__VA_ARGS__);              \
+    case Kernel::Energy: return IMPL<T, Kernel::Energy>(__VA_ARGS__);        \
+  }
+
+template <typename T>
+double pair_sum(Kernel k, const RadialParams<T>& prm, const Tile<T>& t, bool exclude_diag, T* saved,
+                int64_t ld_saved, T scale) {
+  PD_KERNEL_SWITCH(k, pair_sum_impl, prm, t, exclude_diag, saved, ld_saved, scale)
+  return 0.0;
+}
+
+template <typename T>
+void pair_grad(Kernel k, const RadialParams<T>& prm, const Tile<T>& t, T scale, double* row_sum,
+               double* col_sum) {
+  PD_KERNEL_SWITCH(k, pair_grad_impl, prm, t, scale, row_sum, col_sum)
+}
+
+template <typename T>
+void col_sum(Kernel k, const RadialParams<T>& prm, const Tile<T>& t, double* out) {
+  PD_KERNEL_SWITCH(k, col_sum_impl, prm, t, out)
+}
+#undef PD_KERNEL_SWITCH
+
+}  // namespace
+
+const EpilogueTable<float>& epilogue_float() {
+  static const EpilogueTable<float> table{&pair_sum<float>, &pair_grad<float>, &col_sum<float>};
+  return table;
+}
+
+const EpilogueTable<double>& epilogue_double() {
+  static const EpilogueTable<double> table{&pair_sum<double>, &pair_grad<double>, &col_sum<double>};
+  return table;
+}
+
+}  // namespace perturbdiff::cpu::CPU_CAPABILITY

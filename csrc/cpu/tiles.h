@@ -1,0 +1,179 @@
+// Tiling machinery of the CPU engine: row tiles of a set, centred packing into thread-local buffers
+// (so extra memory is O(threads x tile x genes), never a cells x cells matrix), BLAS Gram tiles, and
+// dynamic scheduling whose results do not depend on which thread ran what.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace perturbdiff::cpu {
+
+// Rows per tile: a 256 x 256 fp32 Gram tile (256 KiB) stays in L2 and the packed operands are
+// large enough for BLAS to run near its peak.
+constexpr int64_t kTileRows = 256;
+
+// A run of consecutive rows of one operand (block 0: x, block 1: y / z).
+struct Span {
+  int64_t start;  // first row inside its block
+  int64_t len;
+  int block;
+};
+
+// Splits rows [0, n) of one block into near-equal tiles of at most kTileRows rows.
+inline void append_tiles(std::vector<Span>& out, int64_t n, int block) {
+  const int64_t count = (n + kTileRows - 1) / kTileRows;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t start = t * n / count, stop = (t + 1) * n / count;
+    out.push_back({start, stop - start, block});
+  }
+}
+
+// Where the rows of one set live: block 0 and block 1 are [rows, G] row-major matrices.
+template <typename T>
+struct SetRows {
+  const T* block[2];
+  const T* center;  // [G]
+  int64_t genes;
+};
+
+// Copies rows of a span as (row - center) into dst [len, G] and their squared norms into norm.
+template <typename T>
+void pack_centered(const SetRows<T>& set, const Span& s, T* dst, T* norm) {
+  const int64_t G = set.genes;
+  const T* src = set.block[s.block] + s.start * G;
+  for (int64_t r = 0; r < s.len; ++r) {
+    const T* in = src + r * G;
+    T* out = dst + r * G;
+    double acc = 0.0;  // the norms enter every distance: accumulate them in double
+    for (int64_t k = 0; k < G; ++k) {
+      const T v = in[k] - set.center[k];
+      out[k] = v;
+      acc += static_cast<double>(v) * v;
+    }
+    norm[r] = static_cast<T>(acc);
+  }
+}
+
+// Thread-local workspace: two packed operands (with a one-entry cache each, so a run of tile pairs
+// sharing a row or column tile packs it once), a Gram tile and an accumulator of rows x genes.
+template <typename T>
+class Workspace {
+ public:
+  Workspace(int64_t genes, bool with_accumulator)
+      : buffer_(at::empty({(2 + (with_accumulator ? 1 : 0)) * kTileRows * (genes + 1) + kTileRows * kTileRows},
+                          at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))) {
+    T* base = buffer_.data_ptr<T>();
+    for (int i = 0; i < 2; ++i) {
+      slot_[i].rows = base + i * kTileRows * genes;
+      slot_[i].norm = base + 2 * kTileRows * genes + i * kTileRows;
+    }
+    gram_ = base + 2 * kTileRows * (genes + 1);
+    acc_ = with_accumulator ? gram_ + kTileRows * kTileRows : nullptr;
+  }
+
+  struct Packed {
+    const T* rows;
+    const T* norm;
+  };
+
+  // Packed rows of tiles ti and tj of one set (the operands of one Gram tile). A tile still in a
+  // buffer from the previous call is reused; the two operands never evict each other.
+  std::pair<Packed, Packed> operands(int64_t set, const SetRows<T>& rows, int64_t ti, const Span& si,
+                                     int64_t tj, const Span& sj) {
+    const int a = find(set, ti), b = find(set, tj);
+    const int slot_i = a >= 0 ? a : (b == 0 ? 1 : 0);
+    if (a < 0) fill(slot_[slot_i], set, ti, rows, si);
+    const int slot_j = b >= 0 ? b : (ti == tj ? slot_i : 1 - slot_i);
+    if (b < 0 && ti != tj) fill(slot_[slot_j], set, tj, rows, sj);
+    return {{slot_[slot_i].rows, slot_[slot_i].norm}, {slot_[slot_j].rows, slot_[slot_j].norm}};
+  }
+
+  T* gram() { return gram_; }
+  T* accumulator() { return acc_; }
+
+ private:
+  struct Slot {
+    int64_t set = -1, tile = -1;
+    T* rows = nullptr;
+    T* norm = nullptr;
+  };
+
+  int find(int64_t set, int64_t tile) const {
+    for (int i = 0; i < 2; ++i) {
+      if (slot_[i].set == set && slot_[i].tile == tile) return i;
+    }
+    return -1;
+  }
+
+  static void fill(Slot& s, int64_t set, int64_t tile, const SetRows<T>& rows, const Span& span) {
+    pack_centered(rows, span, s.rows, s.norm);
+    s.set = set;
+    s.tile = tile;
+  }
+
+  at::Tensor buffer_;
+  Slot slot_[2];
+  T* gram_;
+  T* acc_;
+};
+
+inline void check_cpu_float(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "perturbdiff: the CPU kernel got tensors on ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "perturbdiff: the CPU kernels take float32 or float64, got ", x.scalar_type());
+}
+
+inline at::TensorOptions cpu_options(c10::ScalarType t) { return at::TensorOptions().dtype(t); }
+
+// c[rows_a, rows_b] = a b^T (row-major, both [rows, G]) through ATen's BLAS.
+template <typename T>
+void gram_tile(const T* a, int64_t rows_a, const T* b, int64_t rows_b, int64_t genes, T* c) {
+  const auto opt = cpu_options(c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = at::from_blob(c, {rows_a, rows_b}, opt);
+  at::mm_out(out, at::from_blob(const_cast<T*>(a), {rows_a, genes}, opt),
+             at::from_blob(const_cast<T*>(b), {rows_b, genes}, opt).t());
+}
+
+// acc[rows_m, G] += m[rows_m, cols] @ b[cols, G], or m^T @ b when transpose_m (m is [cols, rows_m]).
+template <typename T>
+void accumulate_product(T* acc, const T* m, int64_t rows_m, int64_t cols, const T* b, int64_t genes,
+                        bool transpose_m) {
+  const auto opt = cpu_options(c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = at::from_blob(acc, {rows_m, genes}, opt);
+  at::Tensor mat = transpose_m ? at::from_blob(const_cast<T*>(m), {cols, rows_m}, opt).t()
+                               : at::from_blob(const_cast<T*>(m), {rows_m, cols}, opt);
+  out.addmm_(mat, at::from_blob(const_cast<T*>(b), {cols, genes}, opt));
+}
+
+// Runs fn(workspace, item) for items [0, count) on ATen's threads, each thread with its own
+// workspace, items handed out one by one (tiles differ in cost). Callers store each item's result
+// in its own slot, so the outcome does not depend on the schedule.
+template <typename T, typename Fn>
+void for_each_item(int64_t count, int64_t genes, bool with_accumulator, const Fn& fn) {
+  if (count == 0) return;
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    std::optional<Workspace<T>> ws;  // allocated only by threads that get work
+    for (int64_t i = next++; i < count; i = next++) {
+      if (!ws) ws.emplace(genes, with_accumulator);
+      fn(*ws, i);
+    }
+  };
+  if (count == 1) {
+    worker();  // outside a parallel region BLAS may use every thread for the single tile
+    return;
+  }
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) worker();
+  });
+}
+
+}  // namespace perturbdiff::cpu

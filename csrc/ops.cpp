@@ -1,0 +1,34 @@
+// Schemas of the perturbdiff:: ops. Semantics: perturbdiff/ops/reference.py (the pure-torch oracle).
+// Kernels: csrc/cpu (CPU), csrc/cuda (CUDA); fake and autograd registrations: perturbdiff/ops/_cpp.py.
+#include <torch/library.h>
+
+#include <string>
+
+namespace perturbdiff {
+
+// JSON describing what this binary was compiled with (read by `perturbdiff info`).
+std::string build_info() {
+  std::string cuda = PERTURBDIFF_WITH_CUDA ? "true" : "false";
+  std::string archs = PERTURBDIFF_WITH_CUDA ? PERTURBDIFF_CUDA_ARCHS : "";
+  return "{\"cpu\": true, \"cuda\": " + cuda + ", \"cuda_archs\": \"" + archs +
+         "\", \"torch\": \"" + PERTURBDIFF_TORCH_VERSION + "\"}";
+}
+
+}  // namespace perturbdiff
+
+TORCH_LIBRARY(perturbdiff, m) {
+  // value[b] = sum_{p,q} c_blk(p,q) w_p w_q k(z_p, z_q) over Z = [X; Y] - center. When save_weights,
+  // the second output is the [B, N, N] matrix c w_p w_q k'(D_pq) that the backward then reuses
+  // instead of recomputing the Gram matrix (otherwise it is empty).
+  m.def("pairwise_mmd(Tensor x, Tensor y, Tensor xw, Tensor yw, Tensor coef, Tensor center, "
+        "str kernel, float[] bandwidths, bool exclude_diag, bool save_weights=False) -> (Tensor, Tensor)");
+  // Gradients of grad[b] * value[b] w.r.t. x and y; an output that is not asked for is empty.
+  m.def("pairwise_mmd_backward(Tensor grad, Tensor x, Tensor y, Tensor xw, Tensor yw, Tensor coef, "
+        "Tensor center, str kernel, float[] bandwidths, bool exclude_diag, Tensor saved, bool need_x, "
+        "bool need_y) -> (Tensor, Tensor)");
+  // out[b, q] = sum_i xw[b, i] k(x_bi, z_bq) (both centred by center[b]).
+  m.def("kme(Tensor x, Tensor xw, Tensor z, Tensor center, str kernel, float[] bandwidths) -> Tensor");
+  m.def("kme_backward(Tensor grad, Tensor x, Tensor xw, Tensor z, Tensor center, str kernel, "
+        "float[] bandwidths, bool need_x, bool need_z) -> (Tensor, Tensor)");
+  m.def("build_info() -> str", &perturbdiff::build_info);
+}

@@ -1,0 +1,109 @@
+"""``perturbdiff bench --gpu-validate --out DIR``: everything a GPU machine has to show, in one
+command that stays under 10 minutes: (1) build the CUDA extension when the installed one has no
+CUDA kernels, (2) run the CUDA and Triton tests, (3) run the side-by-side benchmark on the GPU
+(with the tf32 and bf16 GEMM roofs). Each step runs in a subprocess, so steps 2 and 3 load the
+freshly built extension; logs, the test report and the benchmark land in DIR together with
+``gpu_validation.json`` / ``.md`` (step, status, seconds, log)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TOTAL_BUDGET_S = 570.0  # the whole command must finish in < 10 min
+BUILD_TIMEOUT_S = 300.0
+TEST_TIMEOUT_S = 240.0
+BENCH_RESERVE_S = 150.0  # kept for the benchmark when the build and tests run long
+SUMMARY_JSON, SUMMARY_MD = "gpu_validation.json", "gpu_validation.md"
+
+
+def validate(out: Path, quick: bool = False) -> int:
+    if not torch.cuda.is_available():
+        print("perturbdiff bench --gpu-validate: no NVIDIA GPU is visible here (torch.cuda.is_available() "
+              f"is False; torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Run it on a "
+              "machine with an NVIDIA GPU and a CUDA build of torch.", file=sys.stderr)
+        return 1
+    from ..data.atomic import atomic_dir
+
+    start = time.monotonic()
+    repo = source_checkout()
+    steps = []
+    with atomic_dir(out, overwrite=True) as tmp:
+        steps.append(_build_step(tmp, repo))
+        left = TOTAL_BUDGET_S - (time.monotonic() - start)
+        steps.append(_test_step(tmp, repo, min(TEST_TIMEOUT_S, left - BENCH_RESERVE_S)))
+        left = TOTAL_BUDGET_S - (time.monotonic() - start)
+        bench = [sys.executable, "-m", "perturbdiff", "bench", "--device", "cuda", "--out", str(tmp / "bench"),
+                 "--time-limit", str(int(left - 30))] + (["--quick"] if quick else [])
+        steps.append(_run("benchmark", bench, tmp / "bench.log", left - 10))
+        summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "seconds": round(time.monotonic() - start, 1), "steps": steps}
+        (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+        (tmp / SUMMARY_MD).write_text(_markdown(summary, tmp))
+    print((out / SUMMARY_MD).read_text())
+    return 0 if all(s["status"] == "ok" for s in steps) else 1
+
+
+def source_checkout() -> Path | None:
+    """The repository this package was imported from (editable install or PYTHONPATH), if any."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "setup.py").exists() and (root / "csrc").is_dir() else None
+
+
+def has_cuda_kernels() -> bool:
+    from .. import has_extension
+
+    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("perturbdiff::pairwise_mmd", "CUDA")
+
+
+def _build_step(tmp: Path, repo: Path | None) -> dict:
+    if has_cuda_kernels():
+        return {"step": "build", "status": "ok", "seconds": 0.0, "note": "CUDA kernels already built"}
+    if repo is None:
+        return {"step": "build", "status": "failed", "seconds": 0.0,
+                "note": "no CUDA kernels and no source checkout to build them from: install from source "
+                        "with PERTURBDIFF_FORCE_CUDA=1 pip install --no-build-isolation -e ."}
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", str(repo)]
+    env = {**os.environ, "PERTURBDIFF_FORCE_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 1)}
+    return _run("build", cmd, tmp / "build.log", BUILD_TIMEOUT_S, env=env)
+
+
+def _test_step(tmp: Path, repo: Path | None, timeout_s: float) -> dict:
+    if repo is None or not (repo / "tests").is_dir():
+        return {"step": "tests", "status": "failed", "seconds": 0.0, "note": "no tests folder (source checkout) found"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-k", "cuda or triton", str(repo / "tests"),
+           f"--junitxml={tmp / 'pytest.xml'}", "-p", "no:cacheprovider"]
+    return _run("tests", cmd, tmp / "pytest.log", timeout_s)
+
+
+def _run(step: str, cmd: list[str], log: Path, timeout_s: float, env=None) -> dict:
+    t0 = time.monotonic()
+    if timeout_s <= 0:
+        return {"step": step, "status": "failed", "seconds": 0.0, "note": "no time left in the 10-minute budget"}
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout_s).returncode
+            note = f"exit status {rc}"
+        except subprocess.TimeoutExpired:
+            rc, note = -1, f"timed out after {timeout_s:.0f} s"
+    return {"step": step, "status": "ok" if rc == 0 else "failed", "seconds": round(time.monotonic() - t0, 1),
+            "note": note, "log": log.name}
+
+
+def _markdown(summary: dict, folder: Path) -> str:
+    lines = [f"GPU validation on {summary['gpu']} (torch {summary['torch']}, CUDA {summary['cuda']}), "
+             f"{summary['date_utc']}, {summary['seconds']} s.", "",
+             "| step | status | seconds | note | log |", "|---|---|---:|---|---|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s.get('note', '')} | {s.get('log', '-')} |"
+              for s in summary["steps"]]
+    bench_md = folder / "bench" / "bench.md"
+    if bench_md.exists():
+        lines += ["", bench_md.read_text()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,102 @@
+"""Tie-aware ranking statistics over the rows of a matrix, all rows at once.
+
+Every function treats ties the way scipy/sklearn/polars do (average ranks, tie groups as
+single thresholds), so the vectorised results match the per-row library calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def run_bounds(new_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last index of the run each position belongs to, along the last dim.
+
+    ``new_run[..., i]`` is True where a run starts (position 0 must be True).
+    """
+    n = new_run.shape[-1]
+    idx = torch.arange(n, device=new_run.device).expand_as(new_run)
+    start = torch.where(new_run, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    ends_here = torch.ones_like(new_run)
+    ends_here[..., :-1] = new_run[..., 1:]
+    end_rev = torch.where(ends_here, idx, torch.full_like(idx, n)).flip(-1).cummin(dim=-1).values
+    return start, end_rev.flip(-1)
+
+
+def masked_average_ranks(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based average ranks of ``values`` within each row, counting only ``mask`` entries.
+
+    Entries outside the mask get rank 0. Equal values (including equal infinities) share
+    the mean of their positions, as ``scipy.stats.rankdata(method="average")``.
+    """
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    by_value = torch.sort(values, dim=-1, stable=True).indices
+    mask_by_value = mask.gather(-1, by_value)
+    # Masked entries first, each block still sorted by value.
+    order = by_value.gather(-1, torch.sort((~mask_by_value).to(torch.uint8), dim=-1,
+                                           stable=True).indices)
+    v = values.gather(-1, order)
+    m = mask.gather(-1, order)
+    new_run = torch.ones_like(m)
+    new_run[..., 1:] = (v[..., 1:] != v[..., :-1]) | (m[..., 1:] != m[..., :-1])
+    start, end = run_bounds(new_run)
+    ranks_sorted = torch.where(m, (start + end).to(values.dtype) / 2 + 1, 0)
+    return torch.zeros_like(ranks_sorted).scatter(-1, order, ranks_sorted)
+
+
+def masked_pearson(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Pearson correlation per row over ``mask`` entries; NaN for < 2 entries or zero variance."""
+    if mask is None:
+        mask = torch.ones_like(a, dtype=torch.bool)
+    w = mask.to(a.dtype)
+    n = w.sum(-1, keepdim=True)
+    am = (a * w).sum(-1, keepdim=True) / n
+    bm = (b * w).sum(-1, keepdim=True) / n
+    da = torch.where(mask, a - am, 0)
+    db = torch.where(mask, b - bm, 0)
+    # Scale first, as scipy does, so large values cannot overflow the squares.
+    da = da / da.abs().amax(-1, keepdim=True)
+    db = db / db.abs().amax(-1, keepdim=True)
+    r = (da * db).sum(-1) / (da.norm(dim=-1) * db.norm(dim=-1))
+    r = r.clamp(-1.0, 1.0)
+    return torch.where(n.squeeze(-1) >= 2, r, torch.nan)
+
+
+def masked_spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Spearman correlation per row (Pearson of average ranks) over ``mask`` entries."""
+    return masked_pearson(masked_average_ranks(a, mask), masked_average_ranks(b, mask), mask)
+
+
+def roc_auc_rows(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """ROC AUC per row with tied scores counted half (sklearn ``roc_curve`` + ``auc``).
+
+    NaN where a row's labels are all one class.
+    """
+    pos = labels.to(scores.dtype if scores.is_floating_point() else torch.float64)
+    ranks = masked_average_ranks(scores).to(torch.float64)
+    n_pos = pos.sum(-1).to(torch.float64)
+    n_neg = labels.shape[-1] - n_pos
+    rank_sum = (ranks * pos.to(torch.float64)).sum(-1)
+    auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.nan)
+
+
+def average_precision_rows(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Average precision per row (sklearn ``average_precision_score``), ties as one threshold.
+
+    NaN where a row's labels are all one class.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    s = scores.gather(-1, order)
+    y = labels.gather(-1, order).to(torch.float64)
+    new_run = torch.ones_like(s, dtype=torch.bool)
+    new_run[..., 1:] = s[..., 1:] != s[..., :-1]
+    _, end = run_bounds(new_run)
+    tp = y.cumsum(-1)
+    precision_at_end = tp.gather(-1, end) / (end + 1).to(torch.float64)
+    n_pos = y.sum(-1)
+    ap = (y * precision_at_end).sum(-1) / n_pos
+    return torch.where((n_pos > 0) & (n_pos < labels.shape[-1]), ap, torch.nan)

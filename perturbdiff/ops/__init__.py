@@ -1,0 +1,6 @@
+"""Public kernel ops: one API over the torch, C++ CPU, CUDA and Triton backends."""
+
+from ._backends import available_backends
+from .api import MMDLoss, energy_distance, kme, last_backend, mmd, witness
+
+__all__ = ["mmd", "energy_distance", "kme", "witness", "MMDLoss", "available_backends", "last_backend"]

@@ -1,0 +1,110 @@
+"""C++ backends (perturbdiff._C): registered when the extension is built.
+
+The kernels are dispatcher ops (``torch.ops.perturbdiff.*``, schemas in csrc/ops.cpp). This module
+gives them fake (meta) implementations and autograd formulas, so ``torch.compile(fullgraph=True)``
+and ``torch.library.opcheck`` see through them, and registers the backends "cpu" and "cuda" with
+the functions ``api.py`` calls.
+"""
+
+import torch
+
+from .. import _extension
+from . import _backends
+
+# The forward keeps the [B, N, N] matrix c w w f'(D) for the backward (saving the Gram recompute,
+# a third of the work) when it is no larger than the inputs (N <= genes) and below this many elements.
+SAVE_MAX_ELEMENTS = 1 << 27
+
+_FLOAT_TYPES = (torch.float32, torch.float64)
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"perturbdiff::{op}", dispatch_key)
+
+
+def _check_differentiable_inputs(op: str, **tensors) -> None:
+    if torch.is_grad_enabled():
+        needing = [name for name, t in tensors.items() if t.requires_grad]
+        if needing:
+            raise ValueError(f"the compiled {op} differentiates the cells only, but {needing} require "
+                             "gradients; use backend='torch' to differentiate the weights")
+
+
+def pairwise_mmd(x, y, xw, yw, coef, center, kernel, bandwidths, exclude_diag):
+    """Backend function for ``api.py``: the fused block reduction, [B]."""
+    _check_differentiable_inputs("pairwise_mmd", x_weights=xw, y_weights=yw, coef=coef, center=center)
+    B, N = x.shape[0], x.shape[1] + y.shape[1]
+    save = (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+            and N <= x.shape[2] and B * N * N <= SAVE_MAX_ELEMENTS)
+    value, _ = torch.ops.perturbdiff.pairwise_mmd(x, y, xw, yw, coef, center, kernel, list(bandwidths),
+                                                  exclude_diag, save)
+    return value
+
+
+def kme(x, xw, z, center, kernel, bandwidths):
+    """Backend function for ``api.py``: weighted kernel mean embedding at the query points, [B, Q]."""
+    _check_differentiable_inputs("kme", x_weights=xw, center=center)
+    return torch.ops.perturbdiff.kme(x, xw, z, center, kernel, list(bandwidths))
+
+
+def _register_op_meta() -> None:
+    @torch.library.register_fake("perturbdiff::pairwise_mmd")
+    def _(x, y, xw, yw, coef, center, kernel, bandwidths, exclude_diag, save_weights=False):
+        B, N = x.shape[0], x.shape[1] + y.shape[1]
+        return x.new_empty(B), x.new_empty((B if save_weights else 0, N, N))
+
+    @torch.library.register_fake("perturbdiff::pairwise_mmd_backward")
+    def _(grad, x, y, xw, yw, coef, center, kernel, bandwidths, exclude_diag, saved, need_x, need_y):
+        return (torch.empty_like(x) if need_x else x.new_empty(0),
+                torch.empty_like(y) if need_y else y.new_empty(0))
+
+    @torch.library.register_fake("perturbdiff::kme")
+    def _(x, xw, z, center, kernel, bandwidths):
+        return x.new_empty(x.shape[0], z.shape[1])
+
+    @torch.library.register_fake("perturbdiff::kme_backward")
+    def _(grad, x, xw, z, center, kernel, bandwidths, need_x, need_z):
+        return (torch.empty_like(x) if need_x else x.new_empty(0),
+                torch.empty_like(z) if need_z else z.new_empty(0))
+
+    def pairwise_setup(ctx, inputs, output):
+        x, y, xw, yw, coef, center, kernel, bandwidths, exclude_diag, _save = inputs
+        ctx.save_for_backward(x, y, xw, yw, coef, center, output[1])
+        ctx.args = (kernel, bandwidths, exclude_diag)
+        ctx.mark_non_differentiable(output[1])
+
+    def pairwise_backward(ctx, grad_value, _grad_saved):
+        x, y, xw, yw, coef, center, saved = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[:2]
+        gx, gy = torch.ops.perturbdiff.pairwise_mmd_backward(
+            grad_value, x, y, xw, yw, coef, center, *ctx.args, saved, need_x, need_y)
+        return (gx if need_x else None, gy if need_y else None) + (None,) * 8
+
+    torch.library.register_autograd("perturbdiff::pairwise_mmd", pairwise_backward,
+                                    setup_context=pairwise_setup)
+
+    def kme_setup(ctx, inputs, output):
+        x, xw, z, center, kernel, bandwidths = inputs
+        ctx.save_for_backward(x, xw, z, center)
+        ctx.args = (kernel, bandwidths)
+
+    def kme_backward(ctx, grad):
+        x, xw, z, center = ctx.saved_tensors
+        need_x, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        gx, gz = torch.ops.perturbdiff.kme_backward(grad, x, xw, z, center, *ctx.args, need_x, need_z)
+        return gx if need_x else None, None, gz if need_z else None, None, None, None
+
+    torch.library.register_autograd("perturbdiff::kme", kme_backward, setup_context=kme_setup)
+
+
+def _register_backends() -> None:
+    ops = {"pairwise_mmd": pairwise_mmd, "kme": kme}
+    if _has_kernel("pairwise_mmd", "CPU") and _has_kernel("kme", "CPU"):
+        _backends.register(_backends.Backend("cpu", "cpu", ops, dtypes=_FLOAT_TYPES, priority=10))
+    if _has_kernel("pairwise_mmd", "CUDA") and _has_kernel("kme", "CUDA"):
+        _backends.register(_backends.Backend("cuda", "cuda", ops, dtypes=_FLOAT_TYPES, priority=5))
+
+
+if _extension.has_extension():
+    _register_op_meta()
+    _register_backends()

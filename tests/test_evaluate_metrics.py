@@ -1,0 +1,239 @@
+"""Metric definitions against hand-checkable examples and scipy/sklearn, input errors,
+baselines and report files."""
+
+import math
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats as ss
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
+
+from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
+from perturbdiff.evaluate.baselines import make_baseline
+from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
+from perturbdiff.evaluate.expression import discrimination_scores, mean_metrics
+from perturbdiff.evaluate.ranking import average_precision_rows, masked_spearman, roc_auc_rows
+from perturbdiff.evaluate.report import write_report
+from perturbdiff.evaluate.wilcoxon import (benjamini_hochberg, log2_fold_change,
+                                           rank_sum_test, sort_control)
+
+small_ints = st.lists(st.integers(0, 4), min_size=1, max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ctrl=small_ints, a=small_ints, b=small_ints)
+def test_rank_sum_matches_scipy(ctrl, a, b):
+    ctrl_t = torch.tensor(ctrl, dtype=torch.float64)[:, None]
+    cells = torch.tensor(a + b, dtype=torch.float64)[:, None]
+    seg = torch.tensor([0] * len(a) + [1] * len(b))
+    u, p = rank_sum_test(cells, seg, 2, sort_control(ctrl_t))
+    for i, x in enumerate((a, b)):
+        if len(set(x) | set(ctrl)) == 1:  # scipy returns NaN; pdex defines p = 1
+            assert p[i, 0] == 1.0
+            continue
+        ref = ss.mannwhitneyu(x, ctrl, method="asymptotic")
+        assert u[i, 0].item() == pytest.approx(ref.statistic, abs=1e-9)
+        assert p[i, 0].item() == pytest.approx(ref.pvalue, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40))
+def test_bh_matches_scipy(ps):
+    ours = benjamini_hochberg(torch.tensor([ps], dtype=torch.float64))[0].numpy()
+    assert np.allclose(ours, ss.false_discovery_control(np.array(ps)), atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.booleans()),
+                min_size=3, max_size=30))
+def test_ranking_stats_match_scipy_sklearn(rows):
+    a, b, lab = (np.array(c, dtype=float) for c in zip(*rows))
+    t = lambda v: torch.tensor(v)[None]  # noqa: E731
+    rho = masked_spearman(t(a), t(b))[0].item()
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ss.ConstantInputWarning)
+        ref = ss.spearmanr(a, b).statistic
+    assert (math.isnan(rho) and math.isnan(ref)) or rho == pytest.approx(ref, abs=1e-12)
+    lab = lab.astype(bool)
+    auc = roc_auc_rows(t(lab), t(b))[0].item()
+    ap = average_precision_rows(t(lab), t(b))[0].item()
+    if 0 < lab.sum() < len(lab):
+        assert auc == pytest.approx(roc_auc_score(lab, b), abs=1e-12)
+        assert ap == pytest.approx(average_precision_score(lab, b), abs=1e-12)
+    else:
+        assert math.isnan(auc) and math.isnan(ap)
+
+
+def test_mean_metrics_by_hand():
+    real = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    pred = torch.tensor([[1.0, 2.0, 5.0]], dtype=torch.float64)
+    ctrl_r = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    ctrl_p = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    m = mean_metrics(real, pred, ctrl_r, ctrl_p)
+    assert m["mse"].item() == pytest.approx(4 / 3)
+    assert m["mae"].item() == pytest.approx(2 / 3)
+    # deltas: real (0, 1, 2), pred (0, 1, 3)
+    assert m["mse_delta"].item() == pytest.approx(1 / 3)
+    assert m["pearson_delta"].item() == pytest.approx(ss.pearsonr([0, 1, 3], [0, 1, 2])[0])
+    assert m["r2"].item() == pytest.approx(r2_score([1, 2, 3], [1, 2, 5]))
+    assert m["r2_delta"].item() == pytest.approx(r2_score([0, 1, 2], [0, 1, 3]))
+
+
+def test_discrimination_score_by_hand():
+    d_real = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], dtype=torch.float64)
+    # p0 lands on p1's effect (rank 1 -> 1 - 1/3); p1, p2 are closest to themselves.
+    d_pred = torch.tensor([[0.5, 1.0], [0.0, 1.0], [4.0, 4.0]], dtype=torch.float64)
+    s = discrimination_scores(d_real, d_pred, [[], [], []], metrics=("l1",))
+    assert s["discrimination_score_l1"].tolist() == pytest.approx([2 / 3, 1.0, 1.0])
+    # Hiding column 1 from p0 leaves 0.5 to both p0 and p1: a tie, broken by order.
+    s = discrimination_scores(d_real, d_pred, [[1], [], []], metrics=("l1",))
+    assert s["discrimination_score_l1"][0].item() == 1.0
+
+
+def test_de_metrics_by_hand():
+    # 5 genes; real DE genes 0,1,2 (|LFC| 3,2,1); pred DE genes 1,0,4 (|LFC| 5,4,1).
+    fdr_r = torch.tensor([[0.01, 0.01, 0.01, 0.5, 0.5]], dtype=torch.float64)
+    lfc_r = torch.tensor([[3.0, -2.0, 1.0, 0.1, 0.0]], dtype=torch.float64)
+    fdr_p = torch.tensor([[0.01, 0.01, 0.9, 0.9, 0.01]], dtype=torch.float64)
+    lfc_p = torch.tensor([[4.0, 5.0, -1.0, 0.0, 1.0]], dtype=torch.float64)
+    m = {k: v.item() for k, v in de_metrics(fdr_r, lfc_r, fdr_p, lfc_p).items()}
+    assert m["overlap_at_N"] == pytest.approx(2 / 3)  # top3 pred {1,0,4} vs {0,1,2}
+    assert m["precision_at_N"] == pytest.approx(2 / 3)
+    assert m["de_sig_genes_recall"] == pytest.approx(2 / 3)
+    assert m["de_direction_match"] == pytest.approx(1 / 3)  # only gene 0 agrees in sign
+    assert m["de_spearman_lfc_sig"] == pytest.approx(ss.spearmanr([3, -2, 1], [4, 5, -1])[0])
+    assert (m["de_nsig_counts_real"], m["de_nsig_counts_pred"]) == (3, 3)
+    assert m["roc_auc"] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0],
+                                                       -np.log10([0.01, 0.01, 0.9, 0.9, 0.01])))
+    none = de_metrics(torch.full((1, 5), 0.9, dtype=torch.float64), lfc_r, fdr_p, lfc_p)
+    assert none["overlap_at_N"].item() == 0.0 and math.isnan(none["de_direction_match"].item())
+    assert de_spearman_sig(torch.tensor([0, 0]), torch.tensor([1, 2])) == 1.0
+
+
+def test_log2_fold_change_edge_cases():
+    t = torch.log1p(torch.tensor([3.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    r = torch.log1p(torch.tensor([1.0, 0.0, 2.0, 0.0], dtype=torch.float64))
+    lfc = log2_fold_change(t, r)
+    assert lfc.tolist() == pytest.approx([math.log2(3), 0.0, -math.inf, math.inf])
+
+
+def _toy(seed=0, n_genes=12, contexts=("a",)):
+    rng = np.random.default_rng(seed)
+    obs = []
+    for c in contexts:
+        obs += [("ctrl", c)] * 20 + [("P1", c)] * 10 + [("G2", c)] * 10
+    obs = pd.DataFrame(obs, columns=["pert", "ctx"], index=[f"c{i}" for i in range(len(obs))])
+    x = np.log1p(rng.poisson(2.0, (len(obs), n_genes)).astype(float))
+    x[obs["pert"].to_numpy() == "P1", 0] += 1.5
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+
+
+def test_evaluate_self_is_perfect_and_contexts_are_separate():
+    real = _toy(contexts=("a", "b"))
+    res = evaluate(real, real, "pert", "ctrl", context_key="ctx", progress=False)
+    t = res.per_pert
+    assert list(t["context"]) == ["a", "a", "b", "b"]
+    assert np.allclose(t["mse"], 0) and np.allclose(t["pearson_delta"], 1)
+    assert np.allclose(t["discrimination_score_l1"], 1) and np.allclose(t["energy_distance"], 0)
+    assert set(res.agg["statistic"]) >= {"count", "null_count", "mean", "25%", "max"}
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (lambda p: p[:, ::-1].copy(), "different order"),
+    (lambda p: p[:, 1:].copy(), "different gene sets"),
+    (lambda p: p[p.obs["pert"] != "ctrl"].copy(), "no control cells"),
+    (lambda p: p[p.obs["pert"] != "G2"].copy(), "only in real"),
+    (lambda p: ad.AnnData(np.round(np.expm1(p.X)), obs=p.obs, var=p.var), "integer counts"),
+    (lambda p: ad.AnnData(np.where(np.arange(p.n_vars) == 3, np.nan, p.X), obs=p.obs,
+                          var=p.var), "NaN"),
+    (lambda p: ad.AnnData(p.X, obs=p.obs.rename(columns={"pert": "x"}), var=p.var), "'pert'"),
+])
+def test_bad_inputs_raise_clear_errors(breaker, message):
+    real = _toy()
+    with pytest.raises(InputError, match=message):
+        evaluate(breaker(real), real, "pert", "ctrl", progress=False)
+
+
+def test_describe_and_score():
+    t = pd.DataFrame({"mae": [0.1, 0.3, np.nan, 0.2], "pearson_delta": [0.5, 0.7, 0.9, 1.0]})
+    agg = describe(t, ["mae", "pearson_delta"]).set_index("statistic")
+    assert agg.loc["count", "mae"] == 3 and agg.loc["null_count", "mae"] == 1
+    assert agg.loc["mean", "mae"] == pytest.approx(0.2)
+    assert agg.loc["50%", "pearson_delta"] == 0.9  # nearest rank, index round(1.5) = 2
+    base = describe(t.assign(mae=0.4, pearson_delta=0.5), ["mae", "pearson_delta"])
+    s = score_tables(describe(t, ["mae", "pearson_delta"]), base).set_index("metric")
+    assert s.loc["mae", "from_baseline"] == pytest.approx(1 - 0.2 / 0.4)
+    assert s.loc["pearson_delta", "from_baseline"] == pytest.approx((0.775 - 0.5) / 0.5)
+    assert s.loc["avg_score", "from_baseline"] == pytest.approx((0.5 + 0.55) / 2)
+
+
+@pytest.mark.parametrize("kind", ["control_mean", "perturbation_mean", "context_mean", "linear"])
+def test_baselines_format(kind):
+    train = _toy(seed=1, contexts=("a", "b"))
+    real = _toy(seed=2, contexts=("c",))
+    pred = make_baseline(kind, train, real, "pert", "ctrl", context_key="ctx")
+    assert pred.shape == real.shape and list(pred.var_names) == list(real.var_names)
+    pd.testing.assert_frame_equal(pred.obs, real.obs)
+    ctrl = (real.obs["pert"] == "ctrl").to_numpy()
+    assert np.allclose(pred.X[ctrl], real.X[ctrl], atol=1e-6)
+    p1 = (real.obs["pert"] == "P1").to_numpy()
+    assert np.ptp(pred.X[p1], axis=0).max() == 0  # one profile per group
+    if kind == "control_mean":
+        assert np.allclose(pred.X[p1][0], real.X[ctrl].mean(0), atol=1e-6)
+    if kind == "perturbation_mean":  # P1's training effect on gene 0 is ~ +1.5
+        assert pred.X[p1][0, 0] - real.X[ctrl][:, 0].mean() > 1.0
+    res = evaluate(pred, real, "pert", "ctrl", context_key="ctx", progress=False)
+    assert len(res.per_pert) == 2
+
+
+def test_report_files(tmp_path):
+    real = _toy()
+    pred = make_baseline("perturbation_mean", _toy(seed=3), real, "pert", "ctrl")
+    base = make_baseline("control_mean", _toy(seed=3), real, "pert", "ctrl")
+    results = {n: evaluate(p, real, "pert", "ctrl", progress=False)
+               for n, p in (("model", pred), ("ctrl", base))}
+    out = write_report(results, tmp_path / "rep", real, {"model": pred, "ctrl": base},
+                       baselines=["ctrl"])
+    names = {p.name for p in out.iterdir()}
+    assert {"results.csv", "agg_results.csv", "scores.csv", "report.md", "metrics.png",
+            "de_recovery.png", "deltas_model.png"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left behind
+    table = pd.read_csv(out / "results.csv")
+    assert sorted(table["model"].unique()) == ["ctrl", "model"] and len(table) == 4
+    assert "avg_score" in pd.read_csv(out / "scores.csv")["metric"].tolist()
+
+
+def test_cli_evaluate_and_baseline(tmp_path):
+    from perturbdiff.evaluate import cli_baseline, cli_evaluate
+    import argparse
+    real, train = _toy(), _toy(seed=4)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    train.write_h5ad(tmp_path / "train.h5ad")
+    for mod, argv in ((cli_baseline, ["--train", str(tmp_path / "train.h5ad"), "--real",
+                                      str(tmp_path / "real.h5ad"), "--kind", "linear",
+                                      "--pert-key", "pert", "--control-label", "ctrl",
+                                      "--out", str(tmp_path / "lin.h5ad")]),
+                      (cli_evaluate, ["--pred", str(tmp_path / "lin.h5ad"), "--real",
+                                      str(tmp_path / "real.h5ad"), "--pert-key", "pert",
+                                      "--control-label", "ctrl", "--out",
+                                      str(tmp_path / "rep"), "--no-progress",
+                                      "--profile", "vcc"])):
+        parser = argparse.ArgumentParser()
+        mod.add_arguments(parser)
+        assert mod.run(parser.parse_args(argv)) == 0
+    agg = pd.read_csv(tmp_path / "rep" / "agg_results.csv")
+    assert set(agg.columns) == {"model", "statistic", "mae", "discrimination_score_l1",
+                                "overlap_at_N"}
+    parser = argparse.ArgumentParser()
+    cli_evaluate.add_arguments(parser)
+    bad = parser.parse_args(["--pred", str(tmp_path / "missing.h5ad"), "--real",
+                             str(tmp_path / "real.h5ad"), "--pert-key", "pert",
+                             "--control-label", "ctrl", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not found"):
+        cli_evaluate.run(bad)
