@@ -26,6 +26,14 @@ enum class Kernel : int { RBF = 0, Laplacian = 1, IMQ = 2, Energy = 3 };
 constexpr int kMaxBandwidths = 16;
 constexpr double kSqrtClamp = 1e-8;
 
+// Squared distances by the norm expansion |a|^2 + |b|^2 - 2 a.b lose about eps (|a|^2 + |b|^2) to
+// cancellation; below this fraction of |a|^2 + |b|^2 (1e5 eps) every backend recomputes D directly.
+// Those pairs are (near-)duplicate cells, where the sqrt of laplacian/energy would magnify the error.
+template <typename T>
+PD_HOST_DEVICE constexpr T unresolved_distance_fraction() {
+  return sizeof(T) == sizeof(float) ? T(1.1920929e-2) : T(2.220446049250313e-11);
+}
+
 // Per-bandwidth constants folded so the epilogue only multiplies and adds:
 // rbf a_b = -1/(2 s^2), laplacian a_b = -1/s, imq a_b = 1/s^2 (energy has none).
 template <typename T>

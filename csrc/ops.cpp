@@ -18,8 +18,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(perturbdiff, m) {
   // value[b] = sum_{p,q} c_blk(p,q) w_p w_q k(z_p, z_q) over Z = [X; Y] - center. When save_weights,
-  // the second output is the [B, N, N] matrix c w_p w_q k'(D_pq) that the backward then reuses
-  // instead of recomputing the Gram matrix (otherwise it is empty).
+  // the second output is the [B, N, N] Laplacian diag(W 1) - W of W_pq = c w_p w_q k'(D_pq), which
+  // the backward reuses instead of recomputing the Gram matrix (otherwise it is [0, N, N]).
   m.def("pairwise_mmd(Tensor x, Tensor y, Tensor xw, Tensor yw, Tensor coef, Tensor center, "
         "str kernel, float[] bandwidths, bool exclude_diag, bool save_weights=False) -> (Tensor, Tensor)");
   // Gradients of grad[b] * value[b] w.r.t. x and y; an output that is not asked for is empty.

@@ -174,6 +174,18 @@ def test_peers_use_perturbdiff_conventions():
             assert torch.allclose(value, ref, rtol=2e-3, atol=1e-7), (case.label, impl.name)
 
 
+def test_precision_roofs_run_every_op():
+    """The GPU-only tf32 / bf16 roofs take the same code path on CPU tensors (tf32 is a no-op)."""
+    from perturbdiff.benchmark.anchors import _roof
+
+    for case in quick_cases():
+        inputs = make_inputs(case)
+        freq = torch.randn(case.G, case.features) if case.op == "rff" else None
+        for kw in ({"tf32": True}, {"cast": torch.bfloat16}):
+            assert _roof(case, inputs["x"], inputs["y"], freq, **kw)() == (None, None)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # restored after the tf32 roof
+
+
 def test_bandwidths_are_positive_ladder():
     inputs = make_inputs(Case("mmd", 2, 16, 16, 24, kernel="rbf", n_bandwidths=6))
     bws = inputs["bandwidths"]

@@ -97,6 +97,22 @@ def test_rbf_kernel_and_unknown_kernel(model):
         LossConfig(kernel="gauss")
 
 
+def test_rff_kernel_approximates_the_rbf_loss(model):
+    from perturbdiff.diffusion import set_discrepancy
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 16, 40, generator=gen), torch.rand(3, 16, 40, generator=gen) + 0.2
+    w = torch.ones(3, 16)
+    exact = set_discrepancy(x, y, w, LossConfig(kernel="rbf", bandwidths=(1.0, 2.0)))
+    approx = set_discrepancy(x, y, w, LossConfig(kernel="rff-rbf", bandwidths=(1.0, 2.0), rff_features=4096))
+    # relative std of the biased RFF estimate is about 2 / sqrt(D * MMD^2) (kernels.md 4.2)
+    torch.testing.assert_close(approx, exact, rtol=0.15, atol=0.0)
+    d, bt = GaussianDiffusion(), batch()
+    out = d.training_losses(model, bt, LossConfig(kernel="rff-rbf", rff_features=256), torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+
+
 def test_self_conditioning_and_guidance_coins_are_reproducible(model):
     d, bt = GaussianDiffusion(), batch()
     a = d.training_losses(model, bt, LossConfig(), torch.Generator().manual_seed(3))["loss"]

@@ -8,8 +8,6 @@
 
 #include "cpu/epilogue_dispatch.h"
 
-#include <limits>
-
 namespace perturbdiff::cpu::CPU_CAPABILITY {
 namespace {
 
@@ -33,11 +31,8 @@ void zero_self_distances(const Tile<T>& t) {
   for (int64_t p = 0; p < t.rows; ++p) t.gram[p * t.ld + p] = t.row_norm[p];
 }
 
-// |a|^2 + |b|^2 - 2 a.b loses about eps (|a|^2 + |b|^2) to cancellation: below this fraction of
-// |a|^2 + |b|^2 the distance is recomputed directly. Those pairs are (near-)duplicate cells, where
-// the non-smooth kernels (sqrt) would turn the rounding error into a visible one.
 template <typename T>
-constexpr T kRecomputeBelow = T(1e5) * std::numeric_limits<T>::epsilon();
+constexpr T kRecomputeBelow = unresolved_distance_fraction<T>();
 
 template <typename T>
 T direct_distance(const T* a, const T* b, int64_t genes) {

@@ -14,6 +14,7 @@
 #include "cpu/epilogue_dispatch.h"
 #include "cpu/tiles.h"
 #include "op_args.h"
+#include "saved_backward.h"
 
 namespace perturbdiff::cpu {
 namespace {
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
                        a.rows, c.rows, P.G};
     const T coef = P.coefficient(pr.set, si, sj);
     T* s = save ? saved_data + pr.set * N * N + P.z_row(si) * N + P.z_row(sj) : nullptr;
-    const double v = epi.pair_sum(kernel, prm, tile, exclude_diag, s, N, coef);
+    const double v = epi.pair_sum(kernel, prm, tile, exclude_diag, s, N, -coef);  // -W, see saved_backward.h
     if (s != nullptr && pr.i != pr.j) {  // the skipped mirror tile is the transpose
       T* mirror = saved_data + pr.set * N * N + P.z_row(sj) * N + P.z_row(si);
       for (int64_t p = 0; p < si.len; ++p)
@@ -85,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
     partial[idx] = (pr.i == pr.j ? 1.0 : 2.0) * static_cast<double>(coef) * v;
   });
 
+  if (save) finish_laplacian(saved);
   at::Tensor value = at::empty({P.B}, P.x.options());
   T* out = value.data_ptr<T>();
   const size_t per_set = pairs.size() / static_cast<size_t>(P.B);
@@ -94,18 +96,6 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
     out[b] = static_cast<T>(sum);
   }
   return {value, saved};
-}
-
-// Gradient from the saved matrix W (c w w f'(D), [B, N, N]):
-// grad_Z = 4 g (rowsum(W) * Zc - W Zc) restricted to the rows of x or y.
-template <typename T>
-at::Tensor backward_saved_rows(const Problem<T>& P, const at::Tensor& grad, const at::Tensor& saved,
-                               const at::Tensor& xc, const at::Tensor& yc, int block) {
-  const int64_t start = block == 0 ? 0 : P.n, rows = block == 0 ? P.n : P.m;
-  at::Tensor w = saved.narrow(1, start, rows);
-  at::Tensor wz = at::bmm(w.narrow(2, 0, P.n), xc).baddbmm_(w.narrow(2, P.n, P.m), yc);
-  const at::Tensor& own = block == 0 ? xc : yc;
-  return (w.sum(2, /*keepdim=*/true) * own - wz).mul_((4 * grad).view({P.B, 1, 1}));
 }
 
 // Gradient by recomputation: each item owns one row tile I of one set and loops over every tile J:
@@ -180,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mmd_backward_cpu(
     if (use_saved) {
       const at::Tensor c = P.center.unsqueeze(1);
       const at::Tensor xc = P.x - c, yc = P.y - c;
-      return std::make_tuple(need_x ? backward_saved_rows<scalar_t>(P, g, saved, xc, yc, 0) : none,
-                             need_y ? backward_saved_rows<scalar_t>(P, g, saved, xc, yc, 1) : none);
+      return std::make_tuple(need_x ? saved_backward_rows(g, saved, xc, yc, 0) : none,
+                             need_y ? saved_backward_rows(g, saved, xc, yc, 1) : none);
     }
     const auto prm = radial_params<scalar_t>(k, bandwidths);
     return std::make_tuple(need_x ? backward_recompute_rows<scalar_t>(P, k, prm, g, 0) : none,

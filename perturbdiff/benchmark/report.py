@@ -151,6 +151,7 @@ def write_plots(folder: Path, results: list[dict]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     families = defaultdict(list)  # (family, axis) -> [(case, result)]
     for res in results:
@@ -174,6 +175,9 @@ def write_plots(folder: Path, results: list[dict]) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], style, marker="o", label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        xs = sorted({pt[0] for pts in series.values() for pt in pts})
+        ax.set_xticks(xs, [str(v) for v in xs], minor=False)  # label the measured sizes, not powers of 10
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("genes G" if axis == "G" else "cells per set S")
         ax.set_ylabel("median time (ms)")
         held = f"S={fixed.n}" if axis == "G" else f"G={fixed.G}"

@@ -11,7 +11,7 @@ import torch
 from .. import _extension
 from . import _backends
 
-# The forward keeps the [B, N, N] matrix c w w f'(D) for the backward (saving the Gram recompute,
+# The forward keeps the [B, N, N] Laplacian of c w w f'(D) for the backward (saving the Gram recompute,
 # a third of the work) when it is no larger than the inputs (N <= genes) and below this many elements.
 SAVE_MAX_ELEMENTS = 1 << 27
 
@@ -72,8 +72,11 @@ def _register_op_meta() -> None:
         ctx.save_for_backward(x, y, xw, yw, coef, center, output[1])
         ctx.args = (kernel, bandwidths, exclude_diag)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled [B, N, N] gradient for the saved matrix
 
     def pairwise_backward(ctx, grad_value, _grad_saved):
+        if grad_value is None:  # grads are not materialised: nothing flows into the value
+            return (None,) * 10
         x, y, xw, yw, coef, center, saved = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[:2]
         gx, gy = torch.ops.perturbdiff.pairwise_mmd_backward(

@@ -216,11 +216,11 @@ def embed_sums(x, w, center, freq, backend: str = "auto"):
 
 def available_rff_backends() -> list[str]:
     """Backends that can run rff_embed here (auto picks the first that supports the tensor)."""
-    return [name for name, _, _ in _candidates()]
+    return [name for name, _, _ in _CANDIDATES]
 
 
 def last_rff_backend() -> str | None:
-    """Name of the backend that ran the most recent embedding in this process."""
+    """Name of the backend that ran the most recent embedding (or exact ``set_distances``)."""
     return _LAST
 
 
@@ -228,7 +228,7 @@ _LAST = None
 
 
 def _resolve(backend: str, x: torch.Tensor):
-    cands = _candidates()
+    cands = _CANDIDATES
     if backend == "auto":
         for name, fn, supports in cands:
             if name != "triton-interpreter" and supports(x):
@@ -243,9 +243,8 @@ def _resolve(backend: str, x: torch.Tensor):
                      f"available: {[n.removesuffix('-interpreter') for n, _, _ in cands]}")
 
 
-@functools.cache
 def _candidates():
-    """(name, fn, supports) in auto-priority order; built once, after the extension loaded."""
+    """(name, fn, supports) in auto-priority order; built once at import (constant for torch.compile)."""
     cands = []
     triton_fn = _triton_embed()
     on_gpu = torch.cuda.is_available()
@@ -386,9 +385,10 @@ def _rff_distances(xs, ws, batch, center, freq, estimator, backend, progress):
 
 
 def _exact_distances(xs, ws, pooled, center, kernel, bw, estimator, backend, progress):
+    global _LAST
     unbiased = estimator == "unbiased"
     _, pairwise = _backends.resolve(backend, "pairwise_mmd", xs[0])
-    _, kme = _backends.resolve(backend, "kme", xs[0])
+    _LAST, kme = _backends.resolve(backend, "kme", xs[0])
     tot = _weight_stats(ws)[0].double()
     # Self terms: the pair engine on (x_k, one dummy cell) with block coefficients (c_xx, 0, 0).
     self_terms = []
@@ -422,13 +422,12 @@ def _assemble(self_terms, cross, dtype):
 
 def _as_set_list(sets, weights):
     """Validated lists of [S_k, G] sets and [S_k] weights (same dtype and device)."""
-    if isinstance(sets, torch.Tensor):
-        if sets.dim() != 3:
-            raise ValueError("sets must be a [K, S, G] tensor or a list of [S_k, G] tensors, "
+    if isinstance(sets, torch.Tensor):  # one batch: validated at once
+        if sets.dim() != 3 or sets.shape[0] < 2:
+            raise ValueError("sets must be a [K >= 2, S, G] tensor or a list of [S_k, G] tensors, "
                              f"got shape {tuple(sets.shape)}")
-        sets = list(sets.unbind(0))
-        if isinstance(weights, torch.Tensor):
-            weights = list(weights.unbind(0)) if weights.dim() == 2 else [weights]
+        (batch,), _ = api._as_batches(("sets", _compute_dtype(sets)))
+        return list(batch.unbind(0)), list(api._weights("weights", weights, batch, False).unbind(0))
     if not isinstance(sets, Sequence) or len(sets) < 2:
         raise ValueError("set_distances needs at least two sets")
     if weights is not None and (not isinstance(weights, Sequence) or len(weights) != len(sets)):
@@ -512,3 +511,4 @@ def _center_arg(center, x):
 
 
 _register_compiled_op()
+_CANDIDATES = _candidates()
