@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated implementations to run besides the roofs, e.g. "
                              "'geomloss,perturbdiff[cpu]' (default: all that exist here)")
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds after which no new case starts (the rest are reported as not run)")
+                        help="wall-clock budget in seconds: no case starts after it and a case still running is "
+                             "stopped (both reported as not run)")
     parser.add_argument("--gpu-validate", action="store_true",
                         help="on an NVIDIA GPU machine: build the CUDA extension, run the CUDA/Triton tests and "
                              "the GPU benchmark (tf32 and bf16 roofs) into --out; exits non-zero without a GPU")
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from .benchmark.cases import full_cases, quick_cases, select
     from .benchmark.report import environment, markdown, write_all
     from .benchmark.runner import run_cases
-    from .data.atomic import atomic_dir
+    from .atomic import atomic_dir
 
     out = _checked_out_dir(args.out)
     if args.gpu_validate:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or (1 if args.quick else torch.get_num_threads())
     names = _names(args.only, known_names(), args.quick)
     cases = select(quick_cases() if args.quick else full_cases(), args.op)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
 

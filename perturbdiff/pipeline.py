@@ -46,7 +46,7 @@ def export_split(store, group_ids: np.ndarray, path: Path, with_controls: bool =
     import anndata as ad
     import pandas as pd
 
-    from .data.atomic import atomic_file
+    from .atomic import atomic_file
 
     rows = [store.group_rows(int(g)) for g in group_ids]
     if with_controls:

@@ -55,7 +55,7 @@ def _model_code(maps, store, role: str, code: int) -> int:
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    from .data.atomic import atomic_file
+    from .atomic import atomic_file
 
     with atomic_file(path) as tmp:
         adata.write_h5ad(tmp)

@@ -27,7 +27,7 @@ def validate(out: Path, quick: bool = False) -> int:
               f"is False; torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Run it on a "
               "machine with an NVIDIA GPU and a CUDA build of torch.", file=sys.stderr)
         return 1
-    from ..data.atomic import atomic_dir
+    from ..atomic import atomic_dir
 
     start = time.monotonic()
     repo = source_checkout()

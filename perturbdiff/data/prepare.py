@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import layout
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
 from .contract import (TARGET_SUM, GeneListError, ValueScan, check_gene_names, check_obs,
                        encode_labels, select_genes, to_log1p)
 from .csr import segment_index

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 from .contract import EmptyGroupError, MissingLabelError
 
 PARTS = ("train", "val", "test")

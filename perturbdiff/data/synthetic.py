@@ -33,7 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 CONTROL = "control"
 OBS_KEYS = {"perturbation": "perturbation", "context": "cell_type", "batch": "batch"}

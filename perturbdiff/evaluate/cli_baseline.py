@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 from .baselines import KINDS, make_baseline
 from .inputs import InputError, load_anndata
 

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import score_tables  # noqa: E402
-from .atomic import write_atomic, write_text_atomic  # noqa: E402
+from ..atomic import write_atomic, write_text_atomic  # noqa: E402
 from .catalog import BEST_VALUE  # noqa: E402
 from .evaluator import EvalResult  # noqa: E402
 from .inputs import group_cells, group_means, load_anndata  # noqa: E402

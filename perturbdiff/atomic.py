@@ -47,3 +47,14 @@ def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(target: str | os.PathLike, writer) -> Path:
+    """Call ``writer(tmp_path)`` and move the result onto ``target``."""
+    with atomic_file(target) as tmp:
+        writer(tmp)
+    return Path(target)
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    return write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))
