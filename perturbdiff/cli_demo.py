@@ -7,8 +7,9 @@ HELP = ("Generate a synthetic perturbation screen, prepare it, train a small Per
         "--h5ad, run the same pipeline on a real dataset instead.")
 
 # Sized to finish in a few minutes on a 2-core CPU; GPUs get a larger run.
-SYNTH_CPU = dict(n_cells=8000, n_genes=1000, n_perturbations=12, n_contexts=4, n_batches=2)
+SYNTH_CPU = dict(n_cells=5000, n_genes=500, n_perturbations=12, n_contexts=4, n_batches=2)
 SYNTH_GPU = dict(n_cells=60000, n_genes=2000, n_perturbations=40, n_contexts=6, n_batches=3)
+STEPS_CPU, STEPS_GPU = 500, 5000
 
 
 def add_arguments(parser) -> None:
@@ -20,8 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--control-label", help="label of control cells (with --h5ad)")
     parser.add_argument("--split", help="split TOML (default: a proposed held-out split)")
     parser.add_argument("--config", default=None,
-                        help="training preset or TOML (default: cpu-small, gpu on a GPU: cpu-small)")
-    parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
+                        help="training preset or TOML (default: cpu-small)")
+    parser.add_argument("--steps", type=int,
+                        help=f"training steps (default: {STEPS_CPU} on a CPU, {STEPS_GPU} on a GPU)")
     parser.add_argument("--cells", type=int, help="synthetic screen: number of cells")
     parser.add_argument("--genes", type=int, help="synthetic screen: number of genes")
     parser.add_argument("--seed", type=int, default=0)
@@ -36,9 +38,8 @@ def run(args) -> int:
     from .pipeline import run_pipeline
 
     out = Path(args.out)
-    overrides = list(args.overrides)
-    if args.steps:
-        overrides.append(f"train.max_steps={args.steps}")
+    steps = args.steps or (STEPS_GPU if torch.cuda.is_available() else STEPS_CPU)
+    overrides = [f"train.max_steps={steps}", *args.overrides]
     if args.h5ad:
         missing = [f"--{k.replace('_', '-')}" for k in ("pert_key", "context_key", "control_label")
                    if not getattr(args, k)]

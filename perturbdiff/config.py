@@ -98,6 +98,8 @@ SCHEMA: dict[str, dict[str, tuple[object, str]]] = {
         "steps": (100, "sampling steps (truncated: the start time, authors 100)"),
         "guidance": (1.0, "classifier-free guidance w; 0 = conditional model only"),
         "cutoff": (1e-4, "predicted values below this are set to 0"),
+        "clip_to_data": (True, "clip x0 estimates at the store's largest value (authors: no clip; "
+                               "an under-trained model otherwise emits values outside the log1p range)"),
         "batch_cells": (2048, "cells generated per network call"),
     },
 }

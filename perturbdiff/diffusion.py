@@ -144,11 +144,11 @@ class GaussianDiffusion:
     @torch.no_grad()
     def ddim_sample(self, model, ctrl: torch.Tensor, pert, context, batch, generator: torch.Generator,
                     guidance: float = 1.0, schedule: str = "truncated", steps: int = 100,
-                    cutoff: float = 1e-4, autocast=None) -> torch.Tensor:
+                    cutoff: float = 1e-4, clip_max: float | None = None, autocast=None) -> torch.Tensor:
         """DDIM (eta = 0) from x ~ N(0, I) with classifier-free guidance in epsilon space:
         eps = (1 + w) eps_cond - w eps_uncond, so w = 0 is exactly the conditional model. The
         self-conditioning input is the previous step's x0 estimate (zeros first); x0 entries below
-        `cutoff` are set to 0 at every step. Returns x0 [B, S, G] on the model scale (values / 10)."""
+        `cutoff` are set to 0 at every step, and above `clip_max` (if given) clipped to it. Returns x0 [B, S, G] on the model scale (values / 10)."""
         ctx = autocast or nullcontext
         x = torch.randn(ctrl.shape, generator=generator, device=generator.device, dtype=ctrl.dtype).to(ctrl.device)
         ts = self.sample_timesteps(schedule, steps)
@@ -163,6 +163,8 @@ class GaussianDiffusion:
                 eps = (1 + guidance) * self.eps_from_x0(x, t, x0_c) - guidance * self.eps_from_x0(x, t, x0_u)
                 x0_c = self.x0_from_eps(x, t, eps)
             x0 = torch.where(x0_c < cutoff, torch.zeros_like(x0_c), x0_c)
+            if clip_max is not None:
+                x0 = x0.clamp(max=clip_max)
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             ab_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else 1.0
             eps = self.eps_from_x0(x, t, x0)

@@ -103,6 +103,8 @@ def predict(checkpoint: str | os.PathLike, split: str = "test", out: str | os.Pa
     diffusion.sample_timesteps(schedule, steps)  # validate before the long loop
     set_size, scale = cfg["data"]["set_size"], cfg["data"]["scale"]
     sets_per_call = max(1, batch_cells // set_size)
+    data_max = store.meta["preprocessing"].get("max_value")  # absent in stores of older versions
+    clip_max = data_max / scale if data_max and sample.get("clip_to_data", True) else None
 
     groups = []        # (real rows [n], mask [n_sets, S]) per group, in split order
     pending = []       # (group index, set index, ctrl [S, G], (pert, context, batch))
@@ -116,7 +118,8 @@ def predict(checkpoint: str | os.PathLike, split: str = "test", out: str | os.Pa
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed * 1_000_003 + n_calls)
         x0 = diffusion.ddim_sample(model, ctrl, *codes, generator=gen, guidance=guidance,
-                                   schedule=schedule, steps=steps, cutoff=sample["cutoff"])
+                                   schedule=schedule, steps=steps, cutoff=sample["cutoff"],
+                                   clip_max=clip_max)
         for it, cells in zip(items, x0.cpu()):
             outputs[(it[0], it[1])] = cells
         n_calls += 1

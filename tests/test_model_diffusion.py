@@ -172,3 +172,12 @@ def test_sampling_is_seeded(model):
     assert torch.equal(_sample(d, model, 1.0, seed=1), _sample(d, model, 1.0, seed=1))
     assert not torch.equal(_sample(d, model, 1.0, seed=1), _sample(d, model, 1.0, seed=2))
     assert _sample(d, model, 1.0, schedule="strided").shape == (2, 6, G)
+
+
+def test_clip_max_bounds_the_sample(model):
+    d, bt = GaussianDiffusion(), batch()
+    gen = lambda: torch.Generator().manual_seed(1)
+    args = (model, bt["ctrl"], bt["pert"], bt["context"], bt["batch"])
+    free = d.ddim_sample(*args, generator=gen(), steps=5)
+    clipped = d.ddim_sample(*args, generator=gen(), steps=5, clip_max=0.05)
+    assert free.max() > 0.05 and clipped.max() <= 0.05 + 1e-6

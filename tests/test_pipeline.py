@@ -47,3 +47,14 @@ def test_pipeline_names_missing_keys(shared_data, tmp_path):
     with pytest.raises(ValueError, match="no_such_key"):
         run_pipeline(shared_data, tmp_path, pert_key="no_such_key", context_key="cell_type",
                      control_label="control", progress=False)
+
+
+def test_demo_command_on_a_synthetic_screen(tmp_path, capsys):
+    from perturbdiff.cli import main
+
+    tiny = [o for o in TINY if not o.startswith("train.max_steps")]
+    assert main(["demo", "--out", str(tmp_path), "--cells", "1500", "--genes", "80", "--steps", "4",
+                 "--no-progress", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "pearson_delta" in out and "perturbation_mean" in out
+    assert (tmp_path / "screen.h5ad").exists() and (tmp_path / "report" / "report.md").exists()

@@ -64,7 +64,7 @@ def prepare_store(adata_or_path: ad.AnnData | str | os.PathLike, out: str | os.P
         order = np.lexsort((codes["batch"], codes["context"], codes["perturbation"]))
 
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            row_nnz = _stage(src, tmp, scale, columns, chunk_size, progress)
+            row_nnz, value_max = _stage(src, tmp, scale, columns, chunk_size, progress)
             _write_sorted(tmp, row_nnz, order, progress)
             sorted_codes = {role: codes[role][order] for role in layout.ROLES}
             np.savez(tmp / layout.OBS, **sorted_codes, orig_index=order.astype(np.int64),
@@ -72,7 +72,7 @@ def prepare_store(adata_or_path: ad.AnnData | str | os.PathLike, out: str | os.P
             groups = _group_table(sorted_codes)
             np.savez(tmp / layout.GROUPS, **groups)
             meta = _metadata(src, keys, vocab, codes, groups, control_label, columns, row_nnz,
-                             scale, scan.max_value, layer,
+                             scale, scan.max_value, value_max, layer,
                              selection=("all genes" if genes is None and n_top_genes is None else
                                         "given list" if genes is not None else
                                         f"top {n_top_genes} HVG (seurat-style dispersion on log1p)"))
@@ -82,7 +82,7 @@ def prepare_store(adata_or_path: ad.AnnData | str | os.PathLike, out: str | os.P
 
 def _metadata(src: RowSource, keys, vocab, codes, groups, control_label: str,
               columns: np.ndarray | None, row_nnz: np.ndarray, scale: str, input_max: float,
-              layer: str | None, selection: str) -> dict:
+              value_max: float, layer: str | None, selection: str) -> dict:
     """Everything a reader needs besides the arrays: panel, vocabularies, provenance, report."""
     control_code = vocab["perturbation"].index(control_label)
     is_control_group = groups["perturbation"] == control_code
@@ -104,6 +104,7 @@ def _metadata(src: RowSource, keys, vocab, codes, groups, control_label: str,
             "applied": (f"normalize_total(target_sum={TARGET_SUM:g}) + log1p"
                         if scale == "counts" else "none (input already log1p)"),
             "input_max": input_max,
+            "max_value": value_max,  # largest stored (log1p, panel) value: the sampler's clip
             "gene_selection": selection,
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -124,9 +125,11 @@ def _scan(src, chunk_size: int, want_moments: bool, progress: bool):
 
 
 def _stage(src, folder: Path, scale: str, columns: np.ndarray | None, chunk_size: int,
-           progress: bool) -> np.ndarray:
-    """Write normalised panel rows in file order to staging files; return nnz per row."""
+           progress: bool) -> tuple[np.ndarray, float]:
+    """Write normalised panel rows in file order to staging files; return nnz per row and the
+    largest stored value."""
     row_nnz = np.zeros(src.n_rows, dtype=np.int64)
+    value_max = 0.0
     with open(folder / "stage.indices", "wb") as fi, open(folder / "stage.data", "wb") as fd:
         for start, chunk in tqdm(src.chunks(chunk_size), total=-(-src.n_rows // chunk_size),
                                  desc="prepare 2/3 normalise", unit="chunk", disable=not progress):
@@ -138,7 +141,9 @@ def _stage(src, folder: Path, scale: str, columns: np.ndarray | None, chunk_size
             row_nnz[start:start + panel.shape[0]] = np.diff(panel.indptr)
             fi.write(panel.indices.astype(np.int32).tobytes())
             fd.write(panel.data.astype(np.float32).tobytes())
-    return row_nnz
+            if panel.nnz:
+                value_max = max(value_max, float(panel.data.max()))
+    return row_nnz, value_max
 
 
 def _write_sorted(folder: Path, row_nnz: np.ndarray, order: np.ndarray, progress: bool,
