@@ -18,7 +18,7 @@ demo: install
 	$(PYTHON) -m perturbdiff demo --out demo_out
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -rs tests
 
 bench: install
 	$(PYTHON) -m perturbdiff bench --out benchmarks/out
