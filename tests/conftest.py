@@ -15,3 +15,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared dataset not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spinning on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -12,13 +12,7 @@ VOCAB = {"perturbation": ["P1", "P2", "control"], "context": ["A", "B"], "batch"
 G = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: one thread avoids OpenMP spinning on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

@@ -10,12 +10,7 @@ VOCAB = {"perturbation": ["P1", "control"], "context": ["A"], "batch": ["b"]}
 G = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -55,12 +55,7 @@ def _worker(rank, init_file, out_file):
         tdist.destroy_process_group()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):

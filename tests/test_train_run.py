@@ -18,12 +18,7 @@ from perturbdiff.config import load_config  # noqa: E402
 PERTS, CONTEXTS = ["control", "P1", "P2", "P3"], ["A", "B"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_adata(cells=48, seed=0, perts=PERTS, gene_names=None):
