@@ -13,7 +13,7 @@ VENV="${PERTURBDIFF_CUDA_VENV:-$HOME/.cache/perturbdiff/cuda-venv}"
 TORCH_CUDA="2.14.1"
 # One architecture proves compilation and linking; a release build sets TORCH_CUDA_ARCH_LIST.
 ARCHS="${TORCH_CUDA_ARCH_LIST:-9.0}"
-OPS="pairwise_mmd pairwise_mmd_backward kme kme_backward"
+OPS="pairwise_mmd pairwise_mmd_backward kme kme_backward rff_embed rff_embed_backward"
 START=$(date +%s)
 log() { echo "[cuda_check +$(( $(date +%s) - START ))s] $*"; }
 
