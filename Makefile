@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 STAMP := build/.installed-$(shell $(PYTHON) -c "import sys; print(sys.version_info[0]*100+sys.version_info[1])")
 SOURCES := $(shell find csrc kernels perturbdiff -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py' -o -name '*.toml' \)) setup.py CMakeLists.txt pyproject.toml
 
-.PHONY: install demo test bench bench-full gpu-validate clean
+.PHONY: install demo test real-data bench bench-full gpu-validate clean
 
 install: $(STAMP)
 
@@ -31,3 +31,9 @@ gpu-validate: install
 
 clean:
 	rm -rf build dist *.egg-info perturbdiff/_C*.so
+
+# The README's real-data run: held-out (cell type x perturbation) groups of the shared PerturBench set.
+real-data: install
+	$(PYTHON) -m perturbdiff demo --out devel_out --h5ad ../shared/data/perturbench_devel.h5ad \
+	    --pert-key condition --context-key cell_type --control-label control \
+	    --split perturbdiff/configs/splits/perturbench_devel.toml --steps 4000

@@ -9,7 +9,7 @@ HELP = ("Generate a synthetic perturbation screen, prepare it, train a small Per
 # Sized to finish in a few minutes on a 2-core CPU; GPUs get a larger run.
 SYNTH_CPU = dict(n_cells=5000, n_genes=500, n_perturbations=12, n_contexts=4, n_batches=2)
 SYNTH_GPU = dict(n_cells=60000, n_genes=2000, n_perturbations=40, n_contexts=6, n_batches=3)
-STEPS_CPU, STEPS_GPU = 500, 5000
+STEPS_CPU, STEPS_GPU = 8000, 20000
 
 
 def add_arguments(parser) -> None:
