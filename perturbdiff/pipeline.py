@@ -4,6 +4,7 @@ the reproducible real-data run of the README."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,18 +27,14 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
 def _step(name: str, timings: dict):
-    """Print a header, time the block."""
-    class _Timer:
-        def __enter__(self):
-            print(f"\n== {name}", flush=True)
-            self.t0 = time.perf_counter()
-
-        def __exit__(self, *exc):
-            timings[name] = round(time.perf_counter() - self.t0, 1)
-            if exc[0] is None:
-                print(f"   ({timings[name]:.1f} s)", flush=True)
-    return _Timer()
+    """Print a header for one pipeline stage and record its wall time."""
+    print(f"\n== {name}", flush=True)
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"   ({timings[name]:.1f} s)", flush=True)
 
 
 def export_split(store, group_ids: np.ndarray, path: Path, with_controls: bool = True) -> Path:
