@@ -148,7 +148,8 @@ class GaussianDiffusion:
         """DDIM (eta = 0) from x ~ N(0, I) with classifier-free guidance in epsilon space:
         eps = (1 + w) eps_cond - w eps_uncond, so w = 0 is exactly the conditional model. The
         self-conditioning input is the previous step's x0 estimate (zeros first); x0 entries below
-        `cutoff` are set to 0 at every step, and above `clip_max` (if given) clipped to it. Returns x0 [B, S, G] on the model scale (values / 10)."""
+        `cutoff` are set to 0 at every step, and above `clip_max` (if given) clipped to it.
+        Returns x0 [B, S, G] on the model scale (values / 10)."""
         ctx = autocast or nullcontext
         x = torch.randn(ctrl.shape, generator=generator, device=generator.device, dtype=ctrl.dtype).to(ctrl.device)
         ts = self.sample_timesteps(schedule, steps)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic, write_text_atomic
+
 BASELINES = ("control_mean", "perturbation_mean", "context_mean", "linear")
 HEADLINE = ("pearson_delta", "energy_distance", "mse", "discrimination_score_l1", "overlap_at_N",
             "roc_auc", "r2")
@@ -43,17 +45,13 @@ def export_split(store, group_ids: np.ndarray, path: Path, with_controls: bool =
     import anndata as ad
     import pandas as pd
 
-    from .atomic import atomic_file
-
     rows = [store.group_rows(int(g)) for g in group_ids]
     if with_controls:
         rows.append(np.flatnonzero(store.is_control))
     rows = np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
     adata = ad.AnnData(X=store.dense(rows), obs=store.obs_frame(rows),
                        var=pd.DataFrame(index=pd.Index(store.genes)))
-    with atomic_file(path) as tmp:
-        adata.write_h5ad(tmp)
-    return path
+    return write_atomic(path, adata.write_h5ad)
 
 
 def run_pipeline(h5ad: str | os.PathLike, out: str | os.PathLike, pert_key: str, context_key: str,
@@ -109,7 +107,8 @@ def run_pipeline(h5ad: str | os.PathLike, out: str | os.PathLike, pert_key: str,
         fit = ad.read_h5ad(train_h5ad)
         for kind in baselines:
             path = out / "baselines" / f"{kind}.h5ad"
-            make_baseline(kind, fit, real, pert_key, control_label, context_key).write_h5ad(path)
+            write_atomic(path, make_baseline(kind, fit, real, pert_key, control_label,
+                                             context_key).write_h5ad)
             preds[kind] = path
 
     with _step("evaluate: cell-eval metrics + set distances, per context", timings):
@@ -118,7 +117,7 @@ def run_pipeline(h5ad: str | os.PathLike, out: str | os.PathLike, pert_key: str,
         report = write_report(results, out / "report", real, preds, baselines=list(baselines))
 
     table = _headline(results)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_text_atomic(out / "timings.json", json.dumps(timings, indent=2))
     print("\n" + table.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"\nreport: {report}")
     return PipelineResult(out, checkpoint, report, table, timings)

@@ -55,10 +55,9 @@ def _model_code(maps, store, role: str, code: int) -> int:
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    from .atomic import atomic_file
+    from .atomic import write_atomic
 
-    with atomic_file(path) as tmp:
-        adata.write_h5ad(tmp)
+    write_atomic(path, adata.write_h5ad)
 
 
 def predict(checkpoint: str | os.PathLike, split: str = "test", out: str | os.PathLike = "pred.h5ad",
