@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import scipy.stats as ss
 import torch
 from hypothesis import given, settings
@@ -20,8 +21,9 @@ from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
 from perturbdiff.evaluate.expression import discrimination_scores, mean_metrics
 from perturbdiff.evaluate.ranking import average_precision_rows, masked_spearman, roc_auc_rows
 from perturbdiff.evaluate.report import write_report
-from perturbdiff.evaluate.wilcoxon import (benjamini_hochberg, log2_fold_change,
-                                           rank_sum_test, sort_control)
+from perturbdiff.evaluate.wilcoxon import (benjamini_hochberg, has_sparse_kernel,
+                                           log2_fold_change, rank_sum_test,
+                                           rank_sum_test_sparse, sort_control)
 
 small_ints = st.lists(st.integers(0, 4), min_size=1, max_size=25)
 
@@ -40,6 +42,48 @@ def test_rank_sum_matches_scipy(ctrl, a, b):
         ref = ss.mannwhitneyu(x, ctrl, method="asymptotic")
         assert u[i, 0].item() == pytest.approx(ref.statistic, abs=1e-9)
         assert p[i, 0].item() == pytest.approx(ref.pvalue, abs=1e-12)
+
+
+needs_sparse_kernel = pytest.mark.skipif(not has_sparse_kernel(), reason="perturbdiff._C not built")
+
+
+@needs_sparse_kernel
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), genes=st.integers(1, 6), sizes=st.lists(st.integers(1, 12), min_size=1,
+                                                                  max_size=4),
+       n_ctrl=st.integers(1, 15))
+def test_sparse_rank_sum_kernel_matches_torch(data, genes, sizes, n_ctrl):
+    # Small integer values (many ties, zeros, negatives) stress the tie and zero-run handling.
+    values = st.integers(-2, 3).map(float)
+    cells = np.array(data.draw(st.lists(st.lists(values, min_size=genes, max_size=genes),
+                                        min_size=sum(sizes), max_size=sum(sizes))))
+    ctrl = np.array(data.draw(st.lists(st.lists(values, min_size=genes, max_size=genes),
+                                       min_size=n_ctrl, max_size=n_ctrl)))
+    sorted_ctrl = sort_control(torch.from_numpy(ctrl))
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    u_ref, p_ref = rank_sum_test(torch.from_numpy(cells), seg, len(sizes), sorted_ctrl)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    csc = sp.csc_matrix(cells)
+    if data.draw(st.booleans()):  # explicitly stored zeros count as zeros
+        csc = sp.csc_matrix((np.append(csc.data, 0.0), (np.append(csc.tocoo().row, 0),
+                                                         np.append(csc.tocoo().col, 0))),
+                            shape=cells.shape) if (cells[0, 0] == 0) else csc
+    u, p = rank_sum_test_sparse(csc, offsets, sorted_ctrl)
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-12)
+
+
+@needs_sparse_kernel
+def test_rank_sum_op_opcheck():
+    rng = np.random.default_rng(0)
+    cells = sp.random(20, 7, density=0.3, format="csc", random_state=1)
+    ctrl = torch.sort(torch.from_numpy(rng.random((7, 9))), dim=1).values
+    args = (torch.from_numpy(cells.indptr.astype(np.int64)),
+            torch.from_numpy(cells.indices.astype(np.int64)), torch.from_numpy(cells.data),
+            torch.tensor([0, 5, 20]), ctrl)
+    torch.library.opcheck(torch.ops.perturbdiff.rank_sum.default, args)
+    with pytest.raises(ValueError, match="ctrl_sorted must be"):
+        torch.ops.perturbdiff.rank_sum(*args[:4], ctrl[:3])
 
 
 @settings(max_examples=40, deadline=None)

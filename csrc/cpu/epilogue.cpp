@@ -6,6 +6,8 @@
 
 #include "cpu/epilogue.h"
 
+#include <algorithm>
+
 #include "cpu/epilogue_dispatch.h"
 
 namespace perturbdiff::cpu::CPU_CAPABILITY {
@@ -44,7 +46,8 @@ T direct_distance(const T* a, const T* b, int64_t genes) {
   return static_cast<T>(s);
 }
 
-// D for lanes [q, q + n) of row p (n < size() only in the tail).
+// D for lanes [q, q + n) of row p (n < size() only in the tail). Lanes with zero column weight do not
+// count, so their unresolved distances are not recomputed (padding rows are all duplicates).
 template <typename T>
 Vec<T> distances(const Tile<T>& t, int64_t p, const T* g, const Vec<T>& row_norm, int64_t q, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
@@ -57,7 +60,7 @@ Vec<T> distances(const Tile<T>& t, int64_t p, const T* g, const Vec<T>& row_norm
   T lanes[W];
   d.store(lanes);
   for (int64_t l = 0; l < n; ++l) {
-    if (lanes[l] < kRecomputeBelow<T> * (t.row_norm[p] + t.col_norm[q + l])) {
+    if ((t.col_w == nullptr || t.col_w[q + l] != T(0)) && lanes[l] < kRecomputeBelow<T> * (t.row_norm[p] + t.col_norm[q + l])) {
       lanes[l] = direct_distance(t.row_cells + p * t.genes, t.col_cells + (q + l) * t.genes, t.genes);
     }
   }
@@ -77,6 +80,10 @@ double pair_sum_impl(const RadialParams<T>& prm, const Tile<T>& t, bool exclude_
   const double self_value = static_cast<double>(radial_value<K, T, T>(prm, T(0)));
   double total = 0.0;
   for (int64_t p = 0; p < t.rows; ++p) {
+    if (t.row_w[p] == T(0)) {  // contributes nothing (and its saved row is zero)
+      if (saved != nullptr) std::fill(saved + p * ld_saved, saved + p * ld_saved + t.cols, T(0));
+      continue;
+    }
     const T* g = t.gram + p * t.ld;
     const Vec<T> np(t.row_norm[p]);
     Vec<T> acc(T(0));
@@ -112,6 +119,10 @@ void pair_grad_impl(const RadialParams<T>& prm, const Tile<T>& t, T scale, doubl
   zero_self_distances(t);
   for (int64_t p = 0; p < t.rows; ++p) {
     T* g = t.gram + p * t.ld;
+    if (t.row_w[p] == T(0)) {
+      std::fill(g, g + t.cols, T(0));
+      continue;
+    }
     const Vec<T> np(t.row_norm[p]);
     const Vec<T> sw(scale * t.row_w[p]);
     for (int64_t q = 0; q < t.cols; q += W) {
@@ -137,6 +148,7 @@ void col_sum_impl(const RadialParams<T>& prm, const Tile<T>& t, double* col_sum)
   zero_self_distances(t);
   for (int64_t p = 0; p < t.rows; ++p) {
     T* g = t.gram + p * t.ld;
+    if (t.row_w[p] == T(0)) continue;
     const Vec<T> np(t.row_norm[p]);
     const Vec<T> wp(t.row_w[p]);
     for (int64_t q = 0; q < t.cols; q += W) {

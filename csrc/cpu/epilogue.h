@@ -42,7 +42,7 @@ struct Tile {
   const T* row_norm;  // |a_p|^2
   const T* col_norm;  // |b_q|^2
   const T* row_w;     // per-row weights
-  const T* col_w;     // per-column weights
+  const T* col_w;     // per-column weights (null: all ones)
   bool diagonal;      // rows and columns are the same cells: (p, p) is a self-pair, D = 0 exactly
   const T* row_cells;  // the packed (centred) rows [rows, genes] and columns [cols, genes], used to
   const T* col_cells;  // recompute distances the norm expansion cannot resolve (near-duplicates)

@@ -31,6 +31,8 @@ BEST_VALUE.update({"de_nsig_counts_real": None, "de_nsig_counts_pred": None})
 
 PROFILES: dict[str, list[str]] = {
     "full": ALL_METRICS,
+    # What cell-eval's own "full" profile reports (its clustering_agreement aside).
+    "cell-eval": DE_METRICS + EXPRESSION_METRICS,
     "minimal": ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N",
                 "precision_at_N", "de_nsig_counts_real", "de_nsig_counts_pred"],
     "vcc": ["mae", "discrimination_score_l1", "overlap_at_N"],

@@ -56,15 +56,32 @@ def _padded(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, weights
 
 
+def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices grouped so each group's largest set is at most ``slack`` x its smallest: padding
+    a batch to its largest set then wastes little work."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda k: sizes[k]):
+        if groups and sizes[i] <= slack * sizes[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def pred_real_distances(pred_sets: list[torch.Tensor], real_sets: list[torch.Tensor]
                         ) -> dict[str, torch.Tensor]:
     """Energy distance ("full" convention) and RBF MMD^2 (biased, mean kernel over CellFlow's
-    bandwidths) between the predicted and real cells of each perturbation, one batched call."""
-    x, xw = _padded(pred_sets)
-    y, yw = _padded(real_sets)
-    return {
-        "energy_distance": ops.energy_distance(x, y, convention="full", x_weights=xw,
-                                               y_weights=yw),
-        "mmd_rbf": ops.mmd(x, y, kernel="rbf", bandwidth=CELLFLOW_SIGMAS, x_weights=xw,
-                           y_weights=yw),
-    }
+    bandwidths) between the predicted and real cells of each perturbation, batched over sets of
+    similar size."""
+    n = len(pred_sets)
+    out = {k: pred_sets[0].new_empty(n) for k in ("energy_distance", "mmd_rbf")}
+    sizes = [max(p.shape[0], r.shape[0]) for p, r in zip(pred_sets, real_sets)]
+    for group in _similar_sizes(sizes):
+        x, xw = _padded([pred_sets[i] for i in group])
+        y, yw = _padded([real_sets[i] for i in group])
+        idx = torch.tensor(group)
+        out["energy_distance"][idx] = ops.energy_distance(x, y, convention="full", x_weights=xw,
+                                                          y_weights=yw)
+        out["mmd_rbf"][idx] = ops.mmd(x, y, kernel="rbf", bandwidth=CELLFLOW_SIGMAS,
+                                      x_weights=xw, y_weights=yw)
+    return out

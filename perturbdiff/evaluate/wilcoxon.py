@@ -7,15 +7,20 @@ variance, continuity correction 0.5, p clipped to [0, 1]; identical to
 the control cells: they are sorted once per gene, and each perturbed cell's rank among them
 comes from a binary search, so U1 = sum_i (#ctrl < x_i + #ctrl == x_i / 2). The tie term
 sum(t^3 - t) of the pooled sample is the control's own term plus a correction for every
-distinct perturbed value (t = count in x + count in control).
+distinct perturbed value (t = count in x + count in control). On CPU the compiled
+``perturbdiff::rank_sum`` does the same on sparse columns, the zeros of a column being one run,
+so its cost grows with the stored values (``rank_sum_test_sparse``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
+from ..ops import _cpp  # noqa: F401  (loads perturbdiff::rank_sum and its fake when built)
 from .ranking import run_bounds
 
 
@@ -44,7 +49,7 @@ def sort_control(ctrl: torch.Tensor) -> SortedControl:
 
 def rank_sum_test(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
                   ctrl: SortedControl) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mann-Whitney U of each segment of ``cells`` against the control, per gene.
+    """Mann-Whitney U of each segment of ``cells`` against the control, per gene (any device).
 
     cells: ``[n, G]`` rows of several perturbations stacked; segment: ``[n]`` non-decreasing
     perturbation index in ``[0, n_segments)``. Returns U1 and two-sided p-values, ``[P, G]``.
@@ -69,12 +74,40 @@ def rank_sum_test(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
     tx = (end - start + 1).to(torch.float64)
     t = tx + tc
     extra = torch.where(new_run, t * t * t - t - (tc * tc * tc - tc), 0.0)
-    tie = torch.zeros_like(u1).scatter_add_(1, seg_pos, extra) + ctrl.tie_term[:, None]
-
+    tie = torch.zeros_like(u1).scatter_add_(1, seg_pos, extra)
     n1 = torch.bincount(seg, minlength=n_segments).to(torch.float64)
+    return u1.T, _p_values(u1.T, tie.T, n1, ctrl)
+
+
+def rank_sum_test_sparse(cells: sp.csc_matrix, seg_start: np.ndarray,
+                         ctrl: SortedControl) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank_sum_test`` for CPU on sparse cells through the compiled kernel: the zeros of a
+    column are one tie run, so the work grows with the stored values only.
+
+    cells: ``[n, G]`` CSC with rows grouped by perturbation, perturbation i owning rows
+    ``seg_start[i]:seg_start[i + 1]``.
+    """
+    cells = cells.tocsc()
+    cells.sort_indices()
+    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    u1, tie = torch.ops.perturbdiff.rank_sum(
+        as_long(cells.indptr), as_long(cells.indices),
+        torch.from_numpy(np.ascontiguousarray(cells.data, dtype=np.float64)), as_long(seg_start),
+        ctrl.values.to(torch.float64))
+    n1 = torch.from_numpy(np.diff(seg_start).astype(np.float64))
+    return u1, _p_values(u1, tie, n1, ctrl)
+
+
+def has_sparse_kernel() -> bool:
+    return hasattr(torch.ops.perturbdiff, "rank_sum") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "perturbdiff::rank_sum", "CPU")
+
+
+def _p_values(u1: torch.Tensor, tie: torch.Tensor, n1: torch.Tensor,
+              ctrl: SortedControl) -> torch.Tensor:
+    """Two-sided p-values from U1 and the pooled tie term less the control's own, ``[P, G]``."""
+    tie = tie + ctrl.tie_term[None, :]
     n2 = float(ctrl.n)
-    u1 = u1.T
-    tie = tie.T
     n1c = n1[:, None]
     total = n1c + n2
     u = torch.maximum(u1, n1c * n2 - u1)
@@ -83,8 +116,7 @@ def rank_sum_test(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
     z = (u - mu - 0.5) / var.clamp_min(0).sqrt()
     p = (2 * torch.special.ndtr(-z)).clamp(0.0, 1.0)
     # All values identical in a gene: no evidence of a difference (numba-mwu returns 1).
-    p = torch.where(var > 0, p, 1.0)
-    return u1, p
+    return torch.where(var > 0, p, 1.0)
 
 
 def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,11 @@ def _register_op_meta() -> None:
         return (torch.empty_like(x) if need_x else x.new_empty(0),
                 torch.empty_like(y) if need_y else y.new_empty(0))
 
+    @torch.library.register_fake("perturbdiff::rank_sum")
+    def _(col_ptr, row_idx, values, seg_start, ctrl_sorted):
+        shape = (seg_start.shape[0] - 1, ctrl_sorted.shape[0])
+        return ctrl_sorted.new_empty(shape), ctrl_sorted.new_empty(shape)
+
     @torch.library.register_fake("perturbdiff::kme")
     def _(x, xw, z, center, kernel, bandwidths):
         return x.new_empty(x.shape[0], z.shape[1])
