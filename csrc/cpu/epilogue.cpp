@@ -46,8 +46,8 @@ T direct_distance(const T* a, const T* b, int64_t genes) {
   return static_cast<T>(s);
 }
 
-// D for lanes [q, q + n) of row p (n < size() only in the tail). Lanes with zero column weight do not
-// count, so their unresolved distances are not recomputed (padding rows are all duplicates).
+// D for lanes [q, q + n) of row p (n < size() only in the tail). Self-pairs (D = 0 exactly) and lanes
+// with zero column weight (padding rows are all duplicates) are never recomputed.
 template <typename T>
 Vec<T> distances(const Tile<T>& t, int64_t p, const T* g, const Vec<T>& row_norm, int64_t q, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
@@ -60,7 +60,9 @@ Vec<T> distances(const Tile<T>& t, int64_t p, const T* g, const Vec<T>& row_norm
   T lanes[W];
   d.store(lanes);
   for (int64_t l = 0; l < n; ++l) {
-    if ((t.col_w == nullptr || t.col_w[q + l] != T(0)) && lanes[l] < kRecomputeBelow<T> * (t.row_norm[p] + t.col_norm[q + l])) {
+    const bool self_pair = t.diagonal && q + l == p;  // D = 0 by construction
+    const bool counts = t.col_w == nullptr || t.col_w[q + l] != T(0);
+    if (!self_pair && counts && lanes[l] < kRecomputeBelow<T> * (t.row_norm[p] + t.col_norm[q + l])) {
       lanes[l] = direct_distance(t.row_cells + p * t.genes, t.col_cells + (q + l) * t.genes, t.genes);
     }
   }
@@ -159,6 +161,32 @@ void col_sum_impl(const RadialParams<T>& prm, const Tile<T>& t, double* col_sum)
   }
 }
 
+// Squared norms are summed in vector lanes over blocks of kNormBlock values, the blocks in double:
+// about as accurate as the BLAS Gram entries the norms are combined with, at SIMD speed.
+constexpr int64_t kNormBlock = 256;
+
+template <typename T>
+void pack_centered(const T* src, const T* center, int64_t rows, int64_t genes, T* dst, T* norm) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * genes;
+    T* out = dst + r * genes;
+    double total = 0.0;
+    for (int64_t k0 = 0; k0 < genes; k0 += kNormBlock) {
+      const int64_t k1 = std::min(genes, k0 + kNormBlock);
+      Vec<T> acc(T(0));
+      for (int64_t k = k0; k < k1; k += W) {
+        const int64_t n = std::min(W, k1 - k);
+        const Vec<T> v = load(in + k, n) - load(center + k, n);  // tail lanes load as 0
+        v.store(out + k, static_cast<int>(n));
+        acc = at::vec::fmadd(v, v, acc);
+      }
+      total += lane_sum(acc);
+    }
+    norm[r] = static_cast<T>(total);
+  }
+}
+
 // Run-time kernel -> compile-time template instance.
 #define PD_KERNEL_SWITCH(kernel, IMPL, ...)                                 \
   switch (kernel) {                                                          \
@@ -190,12 +218,14 @@ void col_sum(Kernel k, const RadialParams<T>& prm, const Tile<T>& t, double* out
 }  // namespace
 
 const EpilogueTable<float>& epilogue_float() {
-  static const EpilogueTable<float> table{&pair_sum<float>, &pair_grad<float>, &col_sum<float>};
+  static const EpilogueTable<float> table{&pair_sum<float>, &pair_grad<float>, &col_sum<float>,
+                                          &pack_centered<float>};
   return table;
 }
 
 const EpilogueTable<double>& epilogue_double() {
-  static const EpilogueTable<double> table{&pair_sum<double>, &pair_grad<double>, &col_sum<double>};
+  static const EpilogueTable<double> table{&pair_sum<double>, &pair_grad<double>, &col_sum<double>,
+                                           &pack_centered<double>};
   return table;
 }
 

@@ -137,6 +137,46 @@ at::Tensor backward_recompute_rows(const Problem<T>& P, Kernel kernel, const Rad
   return out;
 }
 
+// Gradient from the saved Laplacian: grad_Z = 4 g L Zc, block by block of genes. Each item centres
+// one [N, kGeneChunk] slice of Z = [X; Y] into a cache-resident buffer and writes the matching
+// columns of the gradients with one GEMM per block, so Zc is never materialised (see
+// saved_backward.h for why the products take centred cells).
+constexpr int64_t kGeneChunk = 512;
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> backward_saved(const Problem<T>& P, const at::Tensor& grad,
+                                                  const at::Tensor& saved, bool need_x, bool need_y) {
+  const int64_t N = P.N(), chunks = (P.G + kGeneChunk - 1) / kGeneChunk;
+  at::Tensor gx = at::empty({need_x ? P.B : 0, P.n, P.G}, P.x.options());
+  at::Tensor gy = at::empty({need_y ? P.B : 0, P.m, P.G}, P.x.options());
+  const T* g = grad.data_ptr<T>();
+  const EpilogueTable<T>& epi = epilogue<T>();
+  at::parallel_for(0, P.B * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor zc = at::empty({N, kGeneChunk}, P.x.options());
+    std::vector<T> norms(static_cast<size_t>(N));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, k0 = (item % chunks) * kGeneChunk;
+      const int64_t kc = std::min(kGeneChunk, P.G - k0);
+      // Centre the slice row by row (the pack routine on a [1, kc] row with stride G).
+      T* dst = zc.data_ptr<T>();
+      const SetRows<T> rows = P.rows(b);
+      for (int64_t r = 0; r < N; ++r) {
+        const T* src = (r < P.n ? rows.block[0] + r * P.G : rows.block[1] + (r - P.n) * P.G) + k0;
+        epi.pack_centered(src, rows.center + k0, 1, kc, dst + r * kc, norms.data() + r);
+      }
+      const at::Tensor slice = at::from_blob(dst, {N, kc}, P.x.options());
+      const double alpha = 4.0 * static_cast<double>(g[b]);
+      for (int block = 0; block < 2; ++block) {
+        if (!(block == 0 ? need_x : need_y)) continue;
+        at::Tensor out = (block == 0 ? gx : gy)[b].narrow(1, k0, kc);  // strided view, ld = G
+        const at::Tensor L = saved[b].narrow(0, block == 0 ? 0 : P.n, block == 0 ? P.n : P.m);
+        at::addmm_out(out, out, L, slice, /*beta=*/0, alpha);
+      }
+    }
+  });
+  return {gx, gy};
+}
+
 std::tuple<at::Tensor, at::Tensor> pairwise_mmd_cpu(const at::Tensor& x, const at::Tensor& y,
                                                     const at::Tensor& xw, const at::Tensor& yw,
                                                     const at::Tensor& coef, const at::Tensor& center,
@@ -168,10 +208,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_mmd_backward_cpu(
     const at::Tensor g = grad.to(x.scalar_type()).contiguous();
     const at::Tensor none = at::empty({0}, x.options());
     if (use_saved) {
-      const at::Tensor c = P.center.unsqueeze(1);
-      const at::Tensor xc = P.x - c, yc = P.y - c;
-      return std::make_tuple(need_x ? saved_backward_rows(g, saved, xc, yc, 0) : none,
-                             need_y ? saved_backward_rows(g, saved, xc, yc, 1) : none);
+      auto [gx, gy] = backward_saved<scalar_t>(P, g, saved.contiguous(), need_x, need_y);
+      return std::make_tuple(need_x ? gx : none, need_y ? gy : none);
     }
     const auto prm = radial_params<scalar_t>(k, bandwidths);
     return std::make_tuple(need_x ? backward_recompute_rows<scalar_t>(P, k, prm, g, 0) : none,

@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/epilogue_dispatch.h"
+
 namespace perturbdiff::cpu {
 
 // Rows per tile: a 256 x 256 fp32 Gram tile (256 KiB) stays in L2 and the packed operands are
@@ -43,22 +45,12 @@ struct SetRows {
   int64_t genes;
 };
 
-// Copies rows of a span as (row - center) into dst [len, G] and their squared norms into norm.
+// Copies rows of a span as (row - center) into dst [len, G] and their squared norms into norm
+// (vectorised, in the dispatched epilogue table).
 template <typename T>
 void pack_centered(const SetRows<T>& set, const Span& s, T* dst, T* norm) {
-  const int64_t G = set.genes;
-  const T* src = set.block[s.block] + s.start * G;
-  for (int64_t r = 0; r < s.len; ++r) {
-    const T* in = src + r * G;
-    T* out = dst + r * G;
-    double acc = 0.0;  // the norms enter every distance: accumulate them in double
-    for (int64_t k = 0; k < G; ++k) {
-      const T v = in[k] - set.center[k];
-      out[k] = v;
-      acc += static_cast<double>(v) * v;
-    }
-    norm[r] = static_cast<T>(acc);
-  }
+  epilogue<T>().pack_centered(set.block[s.block] + s.start * set.genes, set.center, s.len, set.genes, dst,
+                              norm);
 }
 
 // Thread-local workspace: two packed operands (with a one-entry cache each, so a run of tile pairs

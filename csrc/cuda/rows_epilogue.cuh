@@ -60,13 +60,14 @@ __global__ void __launch_bounds__(kThreads) rows_epilogue(RowsArgs<T> a, RadialP
   for (int64_t q = threadIdx.x; q < a.C; q += blockDim.x) {
     const bool self = a.self_pairs && q == row;
     const T nq = a.col_norm[set * a.col_stride + q];
+    const T wq = a.col_w ? a.col_w[set * a.col_stride + q] : T(1);
     T d = self ? T(0) : math::vmax(np + nq - T(2) * g[q], T(0));
-    if (!self && d < unresolved_distance_fraction<T>() * (np + nq)) {
+    // Zero-weight pairs (padding rows are all duplicates) contribute nothing: no recompute.
+    if (!self && wp != T(0) && wq != T(0) && d < unresolved_distance_fraction<T>() * (np + nq)) {
       d = direct_distance(a.row_cells + (set * a.row_stride + row) * a.genes,
                           a.col_cells + (set * a.col_stride + q) * a.genes, a.genes);
     }
     const T c = a.coef ? a.coef[set * 3 + row_block + (q >= a.split)] : T(1);
-    const T wq = a.col_w ? a.col_w[set * a.col_stride + q] : T(1);
     T f, fd;
     radial_value_and_grad<K>(prm, d, f, fd);
     if constexpr (kGrad) {
