@@ -107,12 +107,18 @@ def _reduce(x, y, kernel, bandwidth, estimator, x_weights, y_weights, backend, c
     _check_kernel(kernel)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    (x, y), single = _as_batches(("x", x), ("y", y))
+    # With centring, the pooled mean doubles as the NaN/Inf check (one pass over the cells less).
+    (x, y), single = _as_batches(("x", x), ("y", y), check_finite=not center)
     xw = _weights("x_weights", x_weights, x, single)
     yw = _weights("y_weights", y_weights, y, single)
     bw = _bandwidths(kernel, bandwidth, x, y)
     coef = _coefficients(xw, yw, estimator) * scale
-    ctr = _pooled_mean(x, xw, y, yw) if center else x.new_zeros(x.shape[0], x.shape[2])
+    if center:
+        ctr = _pooled_mean(x, xw, y, yw)
+        if not torch.compiler.is_compiling() and not torch.isfinite(ctr).all():
+            _check_finite(("x", x), ("y", y))  # names the culprit (else the sum overflowed)
+    else:
+        ctr = x.new_zeros(x.shape[0], x.shape[2])
     _LAST, fn = _backends.resolve(backend, "pairwise_mmd", x)
     out = fn(x, y, xw, yw, coef, ctr, kernel, bw, estimator == "unbiased")
     return out[0] if single else out
@@ -123,7 +129,7 @@ def _check_kernel(kernel):
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
-def _as_batches(*named):
+def _as_batches(*named, check_finite: bool = True):
     """Validate and bring the inputs to [B, S, G]; True when they came as single sets."""
     dims = {t.dim() if isinstance(t, torch.Tensor) else None for _, t in named}
     for name, t in named:
@@ -148,14 +154,18 @@ def _as_batches(*named):
             raise ValueError(f"{n0} is on {t0.device} but {name} is on {t.device}")
         if t.dtype != t0.dtype:
             raise TypeError(f"{n0} is {t0.dtype} but {name} is {t.dtype}")
-    if not torch.compiler.is_compiling():
-        for name, t in named:
-            # one reduction instead of a full boolean mask: a NaN or Inf anywhere makes the sum
-            # non-finite (a sum that overflows is re-checked element-wise)
-            if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                raise ValueError(f"{name} contains NaN or Inf values")
+    if check_finite and not torch.compiler.is_compiling():
+        _check_finite(*named)
     single = t0.dim() == 2
     return [t[None] if single else t for _, t in named], single
+
+
+def _check_finite(*named):
+    for name, t in named:
+        # one reduction instead of a full boolean mask: a NaN or Inf anywhere makes the sum
+        # non-finite (a sum that overflows is re-checked element-wise)
+        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def _weights(name, w, t, single):
