@@ -1,9 +1,11 @@
 """Training-step throughput (cells/s) and peak memory of the PerturbDiff step at the authors' size.
 
 One step = the stochastic objective (self-conditioning and guidance-dropout coins alternate over
-the timed steps, as in training) + backward + grad clipping + AdamW. Each case runs in a fresh
-subprocess so its peak RSS is its own. `--naive-loss` swaps the fused ops energy distance for a
-plain torch.cdist version to show the loss's share of the step.
+the timed steps, as in training) + backward + grad clipping + AdamW, as `perturbdiff.train` runs it
+(`clip_and_step`, fused AdamW, `keep_freed_memory` on CPU). Each case runs in a fresh subprocess so
+its peak RSS is its own. Every case is also timed with the energy term computed by plain torch
+(torch.cdist, `loss = naive`) to show the loss's share of the step. The phase columns split the
+step into the objective (self-conditioning pass + forward + loss), backward, and clip + AdamW.
 
     python benchmarks/bench_train_step.py            # the cases recorded in results/train.md
     python benchmarks/bench_train_step.py --quick    # tiny smoke version
@@ -31,20 +33,27 @@ def naive_energy(x, y, weights=None):
     return mean_dist(x, y) - 0.5 * mean_dist(x, x) - 0.5 * mean_dist(y, y)
 
 
-def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, threads):
+def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, threads, compile=False,
+             keep_memory=True):
     from perturbdiff import diffusion as D
     from perturbdiff.diffusion import GaussianDiffusion, LossConfig
     from perturbdiff.model import PerturbDiffModel
-    from perturbdiff.train import make_optimizer
+    from perturbdiff.train import clip_and_step, keep_freed_memory, make_optimizer
     from perturbdiff.config import DEFAULTS
 
     torch.set_num_threads(threads)
+    if keep_memory:
+        keep_freed_memory()
     if naive:
         D.set_discrepancy = lambda pred, target, w, cfg: naive_energy(target, pred)
     vocab = {"perturbation": [f"p{i}" for i in range(50)], "context": ["a", "b"], "batch": ["b0"]}
     torch.manual_seed(0)
     model = PerturbDiffModel(genes, vocab, width=width, depth=depth, heads=heads)
     opt = make_optimizer(model, DEFAULTS["optim"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if compile:
+        net = torch.compile(model)
     diff = GaussianDiffusion()
     cfg = LossConfig(exclude_padding=False)
     batch = {"x": torch.rand(sets, set_size, genes) * 0.3, "ctrl": torch.rand(sets, set_size, genes) * 0.3,
@@ -53,24 +62,37 @@ def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, thr
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None
     coins = [(False, False), (True, False), (False, True), (True, True)]
 
+    phases = [0.0, 0.0, 0.0]
+
     def step(i):
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         drop, sc = coins[i % 4]
-        out = diff.training_losses(model, batch, cfg, torch.Generator().manual_seed(i), drop_cond=drop,
+        out = diff.training_losses(net, batch, cfg, torch.Generator().manual_seed(i), drop_cond=drop,
                                    self_cond=sc, drop_control=False, autocast=autocast)
+        t1 = time.perf_counter()
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        t2 = time.perf_counter()
+        clip_and_step(opt, params, 1.0)
+        t3 = time.perf_counter()
+        for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+            phases[k] += dt
 
-    for i in range(2):
+    t0 = time.perf_counter()
+    for i in range(4 if compile else 2):  # warm-up (compile: every coin combination once)
         step(i)
+    warm = time.perf_counter() - t0
+    phases[:] = [0.0, 0.0, 0.0]
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
     sec = (time.perf_counter() - t0) / steps
+    total = sum(phases)
     return {"genes": genes, "set_size": set_size, "sets": sets, "naive_loss": naive, "bf16": bf16,
-            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "compile": compile, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "s_per_step": round(sec, 3), "cells_per_s": round(sets * set_size / sec, 1),
+            "fwd_pct": round(100 * phases[0] / total), "bwd_pct": round(100 * phases[1] / total),
+            "opt_pct": round(100 * phases[2] / total), "warmup_s": round(warm, 1),
             "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
@@ -80,6 +102,11 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="timed steps per case (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile (compile time = the warmup_s column)")
+    ap.add_argument("--no-keep-memory", action="store_true",
+                    help="leave glibc's defaults (freed blocks go back to the system)")
+    ap.add_argument("--cases", help="G,S,B;G,S,B... instead of the recorded cases")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON args of one case
     args = ap.parse_args()
     if args.one:
@@ -87,20 +114,27 @@ def main():
         return
     size = dict(width=64, depth=2, heads=4) if args.quick else dict(width=512, depth=8, heads=8)
     cases = [(200, 16, 2)] if args.quick else CASES
+    if args.cases:
+        cases = [tuple(int(v) for v in c.split(",")) for c in args.cases.split(";")]
     jobs = []
     for genes, s, b in cases:
-        for naive in (False, True):
-            jobs.append(dict(genes=genes, set_size=s, sets=b, naive=naive, bf16=False))
+        base = dict(genes=genes, set_size=s, sets=b, naive=False, bf16=False,
+                    keep_memory=not args.no_keep_memory)
+        jobs += [base, {**base, "naive": True}]
         if args.bf16:
-            jobs.append(dict(genes=genes, set_size=s, sets=b, naive=False, bf16=True))
-    print(f"{'G':>6} {'S':>4} {'B':>2} {'loss':>6} {'bf16':>5} {'params':>8} {'s/step':>7} {'cells/s':>8} {'peakRSS':>8}")
+            jobs.append({**base, "bf16": True})
+        if args.compile:
+            jobs.append({**base, "compile": True})
+    print(f"{'G':>6} {'S':>4} {'B':>2} {'loss':>6} {'variant':>8} {'params':>8} {'s/step':>7} {'cells/s':>8} "
+          f"{'fwd%':>5} {'bwd%':>5} {'opt%':>5} {'peakRSS':>8}")
     for job in jobs:
         spec = json.dumps({**job, **size, "steps": args.steps, "threads": args.threads})
         out = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        variant = "bf16" if r["bf16"] else f"compile({r['warmup_s']:.0f}s)" if r["compile"] else "fp32"
         print(f"{r['genes']:>6} {r['set_size']:>4} {r['sets']:>2} {'naive' if r['naive_loss'] else 'ops':>6} "
-              f"{str(r['bf16']):>5} {r['params_M']:>7}M {r['s_per_step']:>7} {r['cells_per_s']:>8} "
-              f"{r['peak_rss_GiB']:>6}GiB", flush=True)
+              f"{variant:>8} {r['params_M']:>7}M {r['s_per_step']:>7} {r['cells_per_s']:>8} "
+              f"{r['fwd_pct']:>5} {r['bwd_pct']:>5} {r['opt_pct']:>5} {r['peak_rss_GiB']:>6}GiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ SCHEMA: dict[str, dict[str, tuple[object, str]]] = {
         "ema_every": (10, "EMA update period in optimizer steps"),
         "bf16": (False, "bf16 autocast for the network (loss stays fp32)"),
         "compile": (False, "torch.compile the network"),
+        "keep_freed_memory": (True, "CPU: keep freed memory in the process instead of returning it "
+                                    "to the system (no page faults per step; RSS stays at its peak)"),
         "log_every": (50, "optimizer steps between loss-log rows"),
         "val_every": (1000, "optimizer steps between validation losses (0 = off)"),
         "val_batches": (5, "batches per validation (authors: limit_val_batches = 5)"),

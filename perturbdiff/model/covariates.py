@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .crossdit import FewRowsLinear
+
 ROLES = ("perturbation", "context", "batch")
 ENCODINGS = ("onehot", "none", "table")
 
@@ -127,7 +129,7 @@ class CovariateEncoder(nn.Module):
                 self.encoders[role] = TableEncoder(tables[role], dim)
             else:
                 raise ValueError(f"unknown {role} encoding {enc!r}; expected one of {ENCODINGS}")
-        self.transform = nn.Linear(len(ROLES) * dim, hidden)
+        self.transform = FewRowsLinear(len(ROLES) * dim, hidden)  # nn.Linear, streaming for few rows
 
     def forward(self, pert: torch.Tensor, context: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         codes = {"perturbation": pert, "context": context, "batch": batch}
