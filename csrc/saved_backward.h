@@ -1,8 +1,8 @@
 // The matrix pairwise_mmd saves for its backward and the backward that uses it. With
 // W_pq = c w_p w_q f'(D_pq) (self-pairs 0) the gradient is grad_Z = 4 g (diag(W 1) - W) Z, so the
 // forward stores the Laplacian L = diag(W 1) - W [B, N, N] and the backward is two batched GEMMs
-// per block of rows, nothing else. Plain ATen calls: CUDA uses them as they are; the CPU kernel shares
-// finish_laplacian and runs the same products by cache-sized blocks of genes (pairwise_cpu.cpp).
+// per block of rows, nothing else. Plain ATen calls, used by the CUDA kernel; the CPU kernel does the
+// same in place and by cache-sized blocks of genes (pairwise_cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -14,7 +14,6 @@
 #include "cpu/epilogue_dispatch.h"
 #include "cpu/tiles.h"
 #include "op_args.h"
-#include "saved_backward.h"
 
 namespace perturbdiff::cpu {
 namespace {
@@ -54,6 +53,22 @@ struct TilePair {
   int64_t i, j;  // tile indices, i <= j
 };
 
+// finish_laplacian (saved_backward.h) without its fp64 copy of the whole matrix: each row is summed
+// in double in place.
+template <typename T>
+void finish_laplacian_rows(at::Tensor& saved) {
+  const int64_t N = saved.size(1), rows = saved.size(0) * N;
+  T* data = saved.data_ptr<T>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = data + r * N;
+      double s = 0.0;
+      for (int64_t q = 0; q < N; ++q) s += row[q];
+      row[r % N] = static_cast<T>(-s);
+    }
+  });
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
                                            const RadialParams<T>& prm, bool exclude_diag, bool save) {
@@ -86,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
     partial[idx] = (pr.i == pr.j ? 1.0 : 2.0) * static_cast<double>(coef) * v;
   });
 
-  if (save) finish_laplacian(saved);
+  if (save) finish_laplacian_rows<T>(saved);
   at::Tensor value = at::empty({P.B}, P.x.options());
   T* out = value.data_ptr<T>();
   const size_t per_set = pairs.size() / static_cast<size_t>(P.B);
