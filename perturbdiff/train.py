@@ -129,11 +129,7 @@ def clip_and_step(opt: torch.optim.Optimizer, params, clip: float) -> torch.Tens
     if not grads:
         opt.step()
         return None
-    by_device: dict = {}
-    for g in grads:
-        by_device.setdefault((g.device, g.dtype), []).append(g)
-    norms = [n.to(grads[0].device) for group in by_device.values() for n in torch._foreach_norm(group)]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.nn.utils.get_total_norm(grads)  # the norm clip_grad_norm_ computes
     coef = clip / (total + 1e-6)
     if bool(coef < 1):  # clip_grad_norm_'s clamp: otherwise the gradients stay as they are
         if opt.defaults.get("fused"):

@@ -168,6 +168,7 @@ constexpr int64_t kNormBlock = 256;
 template <typename T>
 void pack_centered(const T* src, const T* center, int64_t rows, int64_t genes, T* dst, T* norm) {
   constexpr int64_t W = Vec<T>::size();
+  const bool with_norm = norm != nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src + r * genes;
     T* out = dst + r * genes;
@@ -179,11 +180,11 @@ void pack_centered(const T* src, const T* center, int64_t rows, int64_t genes, T
         const int64_t n = std::min(W, k1 - k);
         const Vec<T> v = load(in + k, n) - load(center + k, n);  // tail lanes load as 0
         v.store(out + k, static_cast<int>(n));
-        acc = at::vec::fmadd(v, v, acc);
+        if (with_norm) acc = at::vec::fmadd(v, v, acc);
       }
-      total += lane_sum(acc);
+      if (with_norm) total += lane_sum(acc);
     }
-    norm[r] = static_cast<T>(total);
+    if (with_norm) norm[r] = static_cast<T>(total);
   }
 }
 

@@ -62,7 +62,8 @@ struct EpilogueTable {
                     double* col_sum);
   // col_sum[q] += sum_p w_p f(D_pq) (kernel mean embeddings).
   void (*col_sum)(Kernel, const RadialParams<T>&, const Tile<T>&, double* col_sum);
-  // dst[r] = src[r] - center for rows [0, rows) of [rows, genes] matrices, norm[r] = |dst[r]|^2.
+  // dst[r] = src[r] - center for rows [0, rows) of [rows, genes] matrices, norm[r] = |dst[r]|^2 (norm
+  // may be null: no norms).
   void (*pack_centered)(const T* src, const T* center, int64_t rows, int64_t genes, T* dst, T* norm);
 };
 

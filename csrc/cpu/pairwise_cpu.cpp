@@ -168,7 +168,6 @@ std::tuple<at::Tensor, at::Tensor> backward_saved(const Problem<T>& P, const at:
   const EpilogueTable<T>& epi = epilogue<T>();
   at::parallel_for(0, P.B * chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor zc = at::empty({N, kGeneChunk}, P.x.options());
-    std::vector<T> norms(static_cast<size_t>(N));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, k0 = (item % chunks) * kGeneChunk;
       const int64_t kc = std::min(kGeneChunk, P.G - k0);
@@ -177,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> backward_saved(const Problem<T>& P, const at:
       const SetRows<T> rows = P.rows(b);
       for (int64_t r = 0; r < N; ++r) {
         const T* src = (r < P.n ? rows.block[0] + r * P.G : rows.block[1] + (r - P.n) * P.G) + k0;
-        epi.pack_centered(src, rows.center + k0, 1, kc, dst + r * kc, norms.data() + r);
+        epi.pack_centered(src, rows.center + k0, 1, kc, dst + r * kc, nullptr);
       }
       const at::Tensor slice = at::from_blob(dst, {N, kc}, P.x.options());
       const double alpha = 4.0 * static_cast<double>(g[b]);

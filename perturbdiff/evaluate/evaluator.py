@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -39,11 +38,11 @@ from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
 from .distribution import energy_to_control, mean_pairwise_distance, pred_real_distances
 from .expression import discrimination_scores, mean_metrics, target_gene_columns
-from .inputs import (ContextGroups, check_expression, check_genes, dense_rows, group_cells,
-                     group_means, load_anndata)
+from .inputs import (ContextGroups, check_expression, check_genes, dense_rows, dense_tensor,
+                     group_cells, group_means, load_anndata)
 from .ranking import masked_pearson
-from .wilcoxon import (benjamini_hochberg, has_sparse_kernel, log2_fold_change, rank_sum_test,
-                       rank_sum_test_sparse, sort_control)
+from .wilcoxon import (SortedControl, benjamini_hochberg, has_sparse_kernel, log2_fold_change,
+                       rank_sum_test, rank_sum_test_sparse, sort_control)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8 Mi values (64 MiB in float64) per dense cell block
 
@@ -92,20 +91,35 @@ class _Side:
     means: torch.Tensor
     ctrl_mean: torch.Tensor
     ctrl_dense: torch.Tensor | None
-    ctrl_sorted: object | None
+    ctrl_sorted: SortedControl | None
     ctrl_self: torch.Tensor | None
 
-    def sparse_cells(self, a: int, b: int) -> tuple[sp.csc_matrix, np.ndarray]:
-        """Rows of perturbations a..b as CSC (for the sparse rank-sum) and their row offsets."""
+    def block(self, a: int, b: int) -> "_Block":
         rows = self.rows[a:b]
-        block = self.x[np.concatenate(rows)]
-        block = sp.csc_matrix(block) if not sp.issparse(block) else block.tocsc()
-        return block, np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        return _Block(self.x[np.concatenate(rows)],
+                      np.concatenate([[0], np.cumsum([len(r) for r in rows])]))
 
-    def cells(self, a: int, b: int, device, dtype):
-        rows = self.rows[a:b]
-        seg = torch.repeat_interleave(torch.arange(b - a), torch.tensor([len(r) for r in rows]))
-        return dense_rows(self.x, np.concatenate(rows), device, dtype), seg.to(device)
+
+@dataclass
+class _Block:
+    """The cells of consecutive perturbations of one file, gathered once per chunk."""
+
+    x: object  # scipy sparse or numpy rows, grouped by perturbation
+    offsets: np.ndarray  # [P + 1]: perturbation i owns rows offsets[i]:offsets[i + 1]
+
+    def dense(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cells as a dense tensor and each row's perturbation index."""
+        seg = torch.repeat_interleave(torch.arange(len(self.offsets) - 1),
+                                      torch.from_numpy(np.diff(self.offsets)))
+        return dense_tensor(self.x, device, dtype), seg.to(device)
+
+    def de_fdr(self, dense, ctrl: SortedControl, sparse: bool) -> torch.Tensor:
+        """BH-adjusted rank-sum p-values [P, G]: the compiled sparse kernel when ``sparse``,
+        else the torch test on the dense cells."""
+        if sparse:
+            return benjamini_hochberg(rank_sum_test_sparse(self.x, self.offsets, ctrl)[1])
+        cells, seg = dense
+        return benjamini_hochberg(rank_sum_test(cells, seg, len(self.offsets) - 1, ctrl)[1])
 
 
 def _side(x, rows, ctrl_rows, need_cells: bool, need_de: bool, need_edist: bool, device,
@@ -139,21 +153,18 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     sparse_de = torch.device(device).type == "cpu" and dtype == torch.float64 and has_sparse_kernel()
     if need_cells:
         sizes = [len(a) + len(b) for a, b in zip(groups.real_rows, groups.pred_rows)]
+        need_dense = need_edist or need_sets or (need_de and not sparse_de)
         for a, b in _chunks(sizes, len(genes), chunk_elements):
-            real_cells, seg_r = r.cells(a, b, device, dtype)
-            pred_cells, seg_p = p.cells(a, b, device, dtype)
+            real_blk, pred_blk = r.block(a, b), p.block(a, b)
+            if need_dense:
+                real_cells, seg_r = real_dense = real_blk.dense(device, dtype)
+                pred_cells, seg_p = pred_dense = pred_blk.dense(device, dtype)
+            else:
+                real_dense = pred_dense = None
             out: dict[str, torch.Tensor] = {}
             if need_de:
-                if sparse_de:
-                    fdr_r = benjamini_hochberg(rank_sum_test_sparse(*r.sparse_cells(a, b),
-                                                                    r.ctrl_sorted)[1])
-                    fdr_p = benjamini_hochberg(rank_sum_test_sparse(*p.sparse_cells(a, b),
-                                                                    p.ctrl_sorted)[1])
-                else:
-                    fdr_r = benjamini_hochberg(
-                        rank_sum_test(real_cells, seg_r, b - a, r.ctrl_sorted)[1])
-                    fdr_p = benjamini_hochberg(
-                        rank_sum_test(pred_cells, seg_p, b - a, p.ctrl_sorted)[1])
+                fdr_r = real_blk.de_fdr(real_dense, r.ctrl_sorted, sparse_de)
+                fdr_p = pred_blk.de_fdr(pred_dense, p.ctrl_sorted, sparse_de)
                 out.update(de_metrics(fdr_r, log2_fold_change(r.means[a:b], r.ctrl_mean),
                                       fdr_p, log2_fold_change(p.means[a:b], p.ctrl_mean)))
             if need_edist:

@@ -168,7 +168,11 @@ def group_cells(real: ad.AnnData, pred: ad.AnnData, pert_key: str, control_label
 
 def dense_rows(x, rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Rows of a dense or sparse matrix as a dense tensor on ``device``."""
-    block = x[rows]
+    return dense_tensor(x[rows], device, dtype)
+
+
+def dense_tensor(block, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A dense or sparse matrix as a dense tensor on ``device``."""
     block = block.toarray() if sp.issparse(block) else np.asarray(block)
     return torch.from_numpy(np.ascontiguousarray(block)).to(device=device, dtype=dtype)
 

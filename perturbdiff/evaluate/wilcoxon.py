@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..ops import _cpp  # noqa: F401  (loads perturbdiff::rank_sum and its fake when built)
+from ..ops import _cpp  # also loads perturbdiff::rank_sum and its fake when built
 from .ranking import run_bounds
 
 
@@ -79,15 +79,15 @@ def rank_sum_test(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
     return u1.T, _p_values(u1.T, tie.T, n1, ctrl)
 
 
-def rank_sum_test_sparse(cells: sp.csc_matrix, seg_start: np.ndarray,
+def rank_sum_test_sparse(cells: sp.spmatrix | np.ndarray, seg_start: np.ndarray,
                          ctrl: SortedControl) -> tuple[torch.Tensor, torch.Tensor]:
     """``rank_sum_test`` for CPU on sparse cells through the compiled kernel: the zeros of a
     column are one tie run, so the work grows with the stored values only.
 
-    cells: ``[n, G]`` CSC with rows grouped by perturbation, perturbation i owning rows
-    ``seg_start[i]:seg_start[i + 1]``.
+    cells: ``[n, G]``, sparse (any format) or dense, rows grouped by perturbation, perturbation i
+    owning rows ``seg_start[i]:seg_start[i + 1]``.
     """
-    cells = cells.tocsc()
+    cells = sp.csc_matrix(cells)  # converted (no copy when it already is CSC)
     cells.sort_indices()
     as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     u1, tie = torch.ops.perturbdiff.rank_sum(
@@ -99,8 +99,7 @@ def rank_sum_test_sparse(cells: sp.csc_matrix, seg_start: np.ndarray,
 
 
 def has_sparse_kernel() -> bool:
-    return hasattr(torch.ops.perturbdiff, "rank_sum") and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "perturbdiff::rank_sum", "CPU")
+    return hasattr(torch.ops.perturbdiff, "rank_sum") and _cpp._has_kernel("rank_sum", "CPU")
 
 
 def _p_values(u1: torch.Tensor, tie: torch.Tensor, n1: torch.Tensor,
