@@ -163,6 +163,19 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bf16 matrix products run in hardware here (bf16 autocast on a CPU without
+    AVX512-BF16/AMX emulates them and is many times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
+
+
 def lr_factor(step: int, max_steps: int, warmup: int, plateau_frac: float, final_frac: float) -> float:
     """Linear warm-up, constant plateau of plateau_frac * max_steps, half-cosine to final_frac."""
     if step < warmup:
@@ -353,6 +366,9 @@ class Trainer:
         self.net = torch.compile(net) if tc["compile"] else net
         self.autocast = ((lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16))
                          if tc["bf16"] else None)
+        if tc["bf16"] and not bf16_is_native(dist.device):
+            self._say(f"warning: train.bf16 on a {dist.device.type} without native bf16 matrix "
+                      "products: expect it to be much slower than fp32")
         self.resumed_step = self.step if ckpt is not None else None
 
     def _say(self, msg: str) -> None:

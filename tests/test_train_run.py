@@ -169,3 +169,14 @@ def test_overfit_tiny_screen_and_predict(store, tmp_path):
     baseline = np.mean([((rm.loc[k] - rm.loc["control/" + k.split("/")[1]]) ** 2).mean() for k in rm.index])
     assert err < 0.25 * baseline, (err, baseline)
     assert np.corrcoef(pm.to_numpy().ravel(), rm.to_numpy().ravel())[0, 1] > 0.9
+
+
+def test_bf16_without_native_support_warns(store, tmp_path, monkeypatch, capsys):
+    import perturbdiff.train as train_mod
+
+    assert isinstance(train_mod.bf16_is_native(torch.device("cpu")), bool)
+    monkeypatch.setattr(train_mod, "bf16_is_native", lambda device: False)
+    Trainer(load_config("cpu-small", small(store, tmp_path / "bf", "train.bf16=true")), Dist())
+    assert "without native bf16" in capsys.readouterr().out
+    Trainer(load_config("cpu-small", small(store, tmp_path / "fp", "train.bf16=false")), Dist())
+    assert "bf16" not in capsys.readouterr().out

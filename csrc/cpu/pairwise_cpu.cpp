@@ -81,6 +81,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
   at::Tensor saved = at::empty({save ? P.B : 0, N, N}, P.x.options());
   T* saved_data = save ? saved.data_ptr<T>() : nullptr;
   const EpilogueTable<T>& epi = epilogue<T>();
+  // Whole sets per thread when there are enough of them to balance (each tile is packed once).
+  const int64_t per_set = T_count * (T_count + 1) / 2;
+  const int64_t run = P.B >= 2 * at::get_num_threads() ? per_set : 1;
 
   for_each_item<T>(static_cast<int64_t>(pairs.size()), P.G, false, [&](Workspace<T>& ws, int64_t idx) {
     const TilePair& pr = pairs[idx];
@@ -99,15 +102,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem<T>& P, Kernel kernel,
         for (int64_t q = 0; q < sj.len; ++q) mirror[q * N + p] = s[p * N + q];
     }
     partial[idx] = (pr.i == pr.j ? 1.0 : 2.0) * static_cast<double>(coef) * v;
-  });
+  }, run);
 
   if (save) finish_laplacian_rows<T>(saved);
   at::Tensor value = at::empty({P.B}, P.x.options());
   T* out = value.data_ptr<T>();
-  const size_t per_set = pairs.size() / static_cast<size_t>(P.B);
   for (int64_t b = 0; b < P.B; ++b) {
     double sum = 0.0;
-    for (size_t k = 0; k < per_set; ++k) sum += partial[b * per_set + k];
+    for (int64_t k = 0; k < per_set; ++k) sum += partial[b * per_set + k];
     out[b] = static_cast<T>(sum);
   }
   return {value, saved};

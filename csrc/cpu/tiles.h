@@ -124,13 +124,41 @@ inline void check_cpu_float(const at::Tensor& x) {
 
 inline at::TensorOptions cpu_options(c10::ScalarType t) { return at::TensorOptions().dtype(t); }
 
-// c[rows_a, rows_b] = a b^T (row-major, both [rows, G]) through ATen's BLAS.
+// c[rows_a, rows_b] (row stride ldc) = a b^T (row-major, both [rows, G]) through ATen's BLAS.
 template <typename T>
-void gram_tile(const T* a, int64_t rows_a, const T* b, int64_t rows_b, int64_t genes, T* c) {
+void gemm_nt(const T* a, int64_t rows_a, const T* b, int64_t rows_b, int64_t genes, T* c, int64_t ldc) {
   const auto opt = cpu_options(c10::CppTypeToScalarType<T>::value);
-  at::Tensor out = at::from_blob(c, {rows_a, rows_b}, opt);
+  at::Tensor out = at::from_blob(c, {rows_a, rows_b}, {ldc, 1}, opt);
   at::mm_out(out, at::from_blob(const_cast<T*>(a), {rows_a, genes}, opt),
              at::from_blob(const_cast<T*>(b), {rows_b, genes}, opt).t());
+}
+
+// Below this many rows a symmetric Gram block is one GEMM: smaller products lose BLAS efficiency.
+constexpr int64_t kSymmetricLeafRows = 64;
+
+// c = a a^T without computing both triangles: the diagonal halves recursively, the upper
+// off-diagonal block by one GEMM, its mirror by a transposed copy (5/8 of the products at 256 rows).
+template <typename T>
+void gram_symmetric(const T* a, int64_t rows, int64_t genes, T* c, int64_t ldc) {
+  if (rows <= kSymmetricLeafRows) {
+    gemm_nt(a, rows, a, rows, genes, c, ldc);
+    return;
+  }
+  const int64_t h = rows / 2;
+  gram_symmetric(a, h, genes, c, ldc);
+  gram_symmetric(a + h * genes, rows - h, genes, c + h * ldc + h, ldc);
+  gemm_nt(a, h, a + h * genes, rows - h, genes, c + h, ldc);
+  for (int64_t q = h; q < rows; ++q)
+    for (int64_t p = 0; p < h; ++p) c[q * ldc + p] = c[p * ldc + q];
+}
+
+// c[rows_a, rows_b] = a b^T into a contiguous tile; a tile against itself takes the symmetric path.
+template <typename T>
+void gram_tile(const T* a, int64_t rows_a, const T* b, int64_t rows_b, int64_t genes, T* c) {
+  if (a == b && rows_a == rows_b)
+    gram_symmetric(a, rows_a, genes, c, rows_a);
+  else
+    gemm_nt(a, rows_a, b, rows_b, genes, c, rows_b);
 }
 
 // acc[rows_m, G] += m[rows_m, cols] @ b[cols, G], or m^T @ b when transpose_m (m is [cols, rows_m]).
@@ -145,24 +173,26 @@ void accumulate_product(T* acc, const T* m, int64_t rows_m, int64_t cols, const 
 }
 
 // Runs fn(workspace, item) for items [0, count) on ATen's threads, each thread with its own
-// workspace, items handed out one by one (tiles differ in cost). Callers store each item's result
+// workspace, items handed out in runs of `run` consecutive items (tiles differ in cost; a run of a
+// set's tile pairs lets the workspace pack each of its tiles once). Callers store each item's result
 // in its own slot, so the outcome does not depend on the schedule.
 template <typename T, typename Fn>
-void for_each_item(int64_t count, int64_t genes, bool with_accumulator, const Fn& fn) {
+void for_each_item(int64_t count, int64_t genes, bool with_accumulator, const Fn& fn, int64_t run = 1) {
   if (count == 0) return;
   std::atomic<int64_t> next{0};
   auto worker = [&] {
     std::optional<Workspace<T>> ws;  // allocated only by threads that get work
-    for (int64_t i = next++; i < count; i = next++) {
+    for (int64_t i = next.fetch_add(run); i < count; i = next.fetch_add(run)) {
       if (!ws) ws.emplace(genes, with_accumulator);
-      fn(*ws, i);
+      for (int64_t k = i; k < std::min(i + run, count); ++k) fn(*ws, k);
     }
   };
-  if (count == 1) {
-    worker();  // outside a parallel region BLAS may use every thread for the single tile
+  const int64_t runs = (count + run - 1) / run;
+  if (runs == 1) {
+    worker();  // outside a parallel region BLAS may use every thread for the single run
     return;
   }
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), runs);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) worker();
   });
