@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scipy.stats as ss
+from scipy.spatial.distance import cdist
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
 from perturbdiff.evaluate.baselines import make_baseline
 from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
+from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
 from perturbdiff.evaluate.expression import discrimination_scores, mean_metrics
 from perturbdiff.evaluate.ranking import average_precision_rows, masked_spearman, roc_auc_rows
 from perturbdiff.evaluate.report import write_report
@@ -60,6 +62,9 @@ def test_sparse_rank_sum_kernel_matches_torch(data, genes, sizes, n_ctrl):
     ctrl = np.array(data.draw(st.lists(st.lists(values, min_size=genes, max_size=genes),
                                        min_size=n_ctrl, max_size=n_ctrl)))
     sorted_ctrl = sort_control(torch.from_numpy(ctrl))
+    from_sparse = sort_control(sp.csr_matrix(ctrl))  # zeros as one run among negatives/positives
+    assert torch.equal(from_sparse.values, sorted_ctrl.values)
+    assert torch.equal(from_sparse.tie_term, sorted_ctrl.tie_term)
     seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     u_ref, p_ref = rank_sum_test(torch.from_numpy(cells), seg, len(sizes), sorted_ctrl)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -75,6 +80,8 @@ def test_sparse_rank_sum_kernel_matches_torch(data, genes, sizes, n_ctrl):
 
 @needs_sparse_kernel
 def test_rank_sum_op_opcheck():
+    from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
+
     rng = np.random.default_rng(0)
     cells = sp.random(20, 7, density=0.3, format="csc", random_state=1)
     ctrl = torch.sort(torch.from_numpy(rng.random((7, 9))), dim=1).values
@@ -84,6 +91,18 @@ def test_rank_sum_op_opcheck():
     torch.library.opcheck(torch.ops.perturbdiff.rank_sum.default, args)
     with pytest.raises(ValueError, match="ctrl_sorted must be"):
         torch.ops.perturbdiff.rank_sum(*args[:4], ctrl[:3])
+
+
+def test_energy_to_control_matches_cdist():
+    rng = np.random.default_rng(0)
+    sets, ctrl = [rng.random((n, 6)) for n in (3, 1, 5)], rng.random((4, 6))
+    c = torch.from_numpy(ctrl)
+    self_distance, sq_norms = mean_pairwise_distance(c)
+    e = energy_to_control(torch.from_numpy(np.vstack(sets)), np.array([0, 3, 4, 9]), c,
+                          sq_norms, self_distance)
+    ref = [2 * cdist(s, ctrl).mean() - cdist(s, s).mean() - cdist(ctrl, ctrl).mean()
+           for s in sets]
+    np.testing.assert_allclose(e.numpy(), ref, rtol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
@@ -186,6 +205,23 @@ def test_evaluate_self_is_perfect_and_contexts_are_separate():
     assert np.allclose(t["mse"], 0) and np.allclose(t["pearson_delta"], 1)
     assert np.allclose(t["discrimination_score_l1"], 1) and np.allclose(t["energy_distance"], 0)
     assert set(res.agg["statistic"]) >= {"count", "null_count", "mean", "25%", "max"}
+
+
+def test_chunks_buffers_and_shared_controls_keep_results():
+    real = _toy(n_genes=30)
+    x = real.X.copy()
+    perturbed = (real.obs["pert"] != "ctrl").to_numpy()
+    x[perturbed] = np.abs(x[perturbed] + np.random.default_rng(5).normal(0, 0.3, (20, 30)))
+    real.X = sp.csr_matrix(real.X)
+    pred = ad.AnnData(sp.csr_matrix(x), obs=real.obs, var=real.var)
+
+    def run(p, **kw):
+        return evaluate(p, real, "pert", "ctrl", progress=False, **kw).per_pert
+
+    base = run(pred)  # one chunk; the controls, equal in both files, prepared once
+    # One perturbation per chunk (a reused dense buffer); dense pred controls prepared apart.
+    for other in (run(pred, chunk_elements=1), run(ad.AnnData(x, obs=real.obs, var=real.var))):
+        pd.testing.assert_frame_equal(other, base, rtol=1e-10)
 
 
 @pytest.mark.parametrize("breaker, message", [

@@ -7,7 +7,6 @@ import argparse
 from .catalog import PROFILES
 from .evaluator import evaluate
 from .inputs import InputError
-from .report import write_report
 
 HELP = "score predicted cells against real cells (cell-eval metrics, R^2, MMD) and write a report"
 
@@ -55,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             for name, path in preds.items()}
     except InputError as err:
         raise SystemExit(f"error: {err}") from None
+    from .report import write_report  # matplotlib: not needed for --help or bad arguments
+
     out = write_report(results, args.out, args.real, preds,
                        baselines=[n for n, _ in args.baseline])
     agg = results[args.name].agg.set_index("statistic").loc["mean"]

@@ -5,45 +5,44 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-
-from perturbdiff import ops
 
 # CellFlow/CellOT's RBF-MMD gammas, exp(-gamma D), as perturbdiff's sigmas (gamma = 1/2 sigma^2).
 CELLFLOW_GAMMAS = (2.0, 1.0, 0.5, 0.1, 0.01, 0.005)
 CELLFLOW_SIGMAS = [math.sqrt(0.5 / g) for g in CELLFLOW_GAMMAS]
 
 
-def mean_pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean Euclidean distance over all pairs (self-pairs included as 0 when y is None).
+def _mean_distance(sq_x: torch.Tensor, sq_y: torch.Tensor, gram: torch.Tensor,
+                   dim: int | None = None) -> torch.Tensor:
+    """Mean Euclidean distance from squared norms and dot products: the norm expansion
+    |x|^2 + |y|^2 - 2 x.y clamped at 0, as ``sklearn.metrics.pairwise_distances``."""
+    d2 = sq_x[:, None] + sq_y[None, :] - 2 * gram
+    return d2.clamp_min_(0).sqrt_().mean(dim)
 
-    Norm expansion clamped at 0, as ``sklearn.metrics.pairwise_distances``.
+
+def mean_pairwise_distance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean Euclidean distance over all pairs of rows (self-pairs included, as 0) and the
+    rows' squared norms, both from one Gram matrix (whose diagonal makes self-pairs exactly 0)."""
+    gram = x @ x.T
+    sq = gram.diagonal()
+    return _mean_distance(sq, sq, gram), sq
+
+
+def energy_to_control(cells: torch.Tensor, offsets: np.ndarray, ctrl: torch.Tensor,
+                      ctrl_sq: torch.Tensor, ctrl_self: torch.Tensor) -> torch.Tensor:
+    """cell-eval's e-distance 2 E|x-c| - E|x-x'| - E|c-c'| (V-statistic, Euclidean) to the
+    control cells of each perturbation, perturbation i owning rows offsets[i]:offsets[i + 1]
+    of ``cells``. ``ctrl_sq`` and ``ctrl_self`` are the controls' squared norms and E|c-c'|.
+
+    Each perturbation's own Gram gives E|x-x'| and its rows' norms; one product with the
+    controls gives every cross term.
     """
-    same = y is None
-    y = x if same else y
-    d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
-    if same:
-        d2.fill_diagonal_(0.0)
-    return d2.clamp_min(0).sqrt().mean()
-
-
-def energy_to_control(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
-                      ctrl: torch.Tensor, ctrl_self: torch.Tensor) -> torch.Tensor:
-    """cell-eval's e-distance 2 E|x-c| - E|x-x'| - E|c-c'| (V-statistic, Euclidean) of each
-    segment of ``cells`` to the control cells; the cross terms share one matrix product."""
-    cross = mean_pairwise_distance_rows(cells, ctrl)
-    sizes = torch.bincount(segment, minlength=n_segments).to(cells.dtype)
-    cross = torch.zeros(n_segments, dtype=cells.dtype, device=cells.device).index_add_(
-        0, segment, cross) / sizes
-    within = torch.stack([mean_pairwise_distance(cells[segment == i])
-                          for i in range(n_segments)])
-    return 2 * cross - within - ctrl_self
-
-
-def mean_pairwise_distance_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean Euclidean distance from each row of x to all rows of y (norm expansion)."""
-    d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
-    return d2.clamp_min(0).sqrt().mean(1)
+    within, sq = zip(*(mean_pairwise_distance(cells[a:b])
+                       for a, b in zip(offsets[:-1], offsets[1:])))
+    to_ctrl = _mean_distance(torch.cat(sq), ctrl_sq, cells @ ctrl.T, dim=1)
+    cross = torch.stack([c.mean() for c in to_ctrl.split(np.diff(offsets).tolist())])
+    return 2 * cross - torch.stack(within) - ctrl_self
 
 
 def _padded(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +72,8 @@ def pred_real_distances(pred_sets: list[torch.Tensor], real_sets: list[torch.Ten
     """Energy distance ("full" convention) and RBF MMD^2 (biased, mean kernel over CellFlow's
     bandwidths) between the predicted and real cells of each perturbation, batched over sets of
     similar size."""
+    from perturbdiff import ops  # not on the path of cell-eval's metrics
+
     n = len(pred_sets)
     out = {k: pred_sets[0].new_empty(n) for k in ("energy_distance", "mmd_rbf")}
     sizes = [max(p.shape[0], r.shape[0]) for p, r in zip(pred_sets, real_sets)]

@@ -4,7 +4,9 @@ Design notes and deliberate differences from cell-eval 0.8.2 (values are otherwi
 
 * Everything is tensor work over all perturbations and genes at once (torch, on ``device``);
   memory is bounded by processing perturbations in chunks of at most ``chunk_elements``
-  expression values (cells x genes) per file. The control cells of a context stay dense.
+  expression values (cells x genes) per file, densified into one reused buffer per file. The
+  control cells of a context are prepared once (dense for the e-distance, sorted per gene for
+  DE), for both files when the prediction carries the real controls.
 * DE is pdex's: Mann-Whitney U per gene vs the control cells (tie-corrected normal
   approximation, continuity correction), BH FDR per perturbation, log2 fold change of
   expm1(mean log1p) pseudobulks with epsilon 0. A gene whose control mean is 0 therefore has
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -38,8 +41,8 @@ from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
 from .distribution import energy_to_control, mean_pairwise_distance, pred_real_distances
 from .expression import discrimination_scores, mean_metrics, target_gene_columns
-from .inputs import (ContextGroups, check_expression, check_genes, dense_rows, dense_tensor,
-                     group_cells, group_means, load_anndata)
+from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
+                     group_means, load_anndata)
 from .ranking import masked_pearson
 from .wilcoxon import (SortedControl, benjamini_hochberg, has_sparse_kernel, log2_fold_change,
                        rank_sum_test, rank_sum_test_sparse, sort_control)
@@ -83,21 +86,65 @@ def _chunks(sizes: list[int], n_genes: int, chunk_elements: int) -> list[tuple[i
 
 
 @dataclass
+class _Control:
+    """A context's control cells in one file, prepared once for the metrics that use them."""
+
+    x: object  # scipy sparse or numpy rows
+    dense: torch.Tensor | None = None
+    sq_norms: torch.Tensor | None = None  # e-distance: squared norms of the cells and E|c-c'|
+    self_distance: torch.Tensor | None = None
+    sorted: SortedControl | None = None  # DE
+
+    def energy_distances(self, cells: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
+        return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
+
+
+def _control(x, need_de: bool, need_edist: bool, device, dtype) -> _Control:
+    ctrl = _Control(x)
+    if need_edist or (need_de and not sp.issparse(x)):
+        ctrl.dense = dense_tensor(x, device, dtype)
+    if need_edist:
+        ctrl.self_distance, ctrl.sq_norms = mean_pairwise_distance(ctrl.dense)
+    if need_de:  # sparse controls are sorted by their stored values only
+        ctrl.sorted = sort_control(x if sp.issparse(x) else ctrl.dense, device)
+    return ctrl
+
+
+def _same_cells(a, b) -> bool:
+    if a.shape != b.shape or sp.issparse(a) != sp.issparse(b):
+        return False
+    return (a != b).nnz == 0 if sp.issparse(a) else np.array_equal(a, b)
+
+
+@dataclass
 class _Side:
-    """One file's data for one context: matrix, means and sorted controls."""
+    """One file's data for one context: matrix, means and control cells."""
 
     x: object
     rows: list[np.ndarray]
     means: torch.Tensor
     ctrl_mean: torch.Tensor
-    ctrl_dense: torch.Tensor | None
-    ctrl_sorted: SortedControl | None
-    ctrl_self: torch.Tensor | None
+    ctrl: _Control
+    buffer: np.ndarray | None = None  # reused by dense()
 
     def block(self, a: int, b: int) -> "_Block":
         rows = self.rows[a:b]
         return _Block(self.x[np.concatenate(rows)],
                       np.concatenate([[0], np.cumsum([len(r) for r in rows])]))
+
+    def reserve(self, chunks: list[tuple[int, int]]) -> None:
+        """Allocate dense()'s buffer once, for the largest block: fresh memory per block (or a
+        buffer grown block by block) costs page faults, up to a tenth of the metric time."""
+        if sp.issparse(self.x):
+            rows = max(sum(len(r) for r in self.rows[a:b]) for a, b in chunks)
+            self.buffer = np.empty(rows * self.x.shape[1], self.x.dtype)
+
+    def dense(self, blk: "_Block", device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's cells as a dense tensor (valid until the next call: it may share the
+        buffer) and each row's perturbation index."""
+        seg = torch.repeat_interleave(torch.arange(len(blk.offsets) - 1),
+                                      torch.from_numpy(np.diff(blk.offsets)))
+        return dense_tensor(blk.x, device, dtype, self.buffer), seg.to(device)
 
 
 @dataclass
@@ -107,11 +154,9 @@ class _Block:
     x: object  # scipy sparse or numpy rows, grouped by perturbation
     offsets: np.ndarray  # [P + 1]: perturbation i owns rows offsets[i]:offsets[i + 1]
 
-    def dense(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cells as a dense tensor and each row's perturbation index."""
-        seg = torch.repeat_interleave(torch.arange(len(self.offsets) - 1),
-                                      torch.from_numpy(np.diff(self.offsets)))
-        return dense_tensor(self.x, device, dtype), seg.to(device)
+    def sets(self, cells: torch.Tensor) -> list[torch.Tensor]:
+        """Each perturbation's rows of the dense ``cells``."""
+        return [cells[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def de_fdr(self, dense, ctrl: SortedControl, sparse: bool) -> torch.Tensor:
         """BH-adjusted rank-sum p-values [P, G]: the compiled sparse kernel when ``sparse``,
@@ -122,13 +167,9 @@ class _Block:
         return benjamini_hochberg(rank_sum_test(cells, seg, len(self.offsets) - 1, ctrl)[1])
 
 
-def _side(x, rows, ctrl_rows, need_cells: bool, need_de: bool, need_edist: bool, device,
-          dtype) -> _Side:
+def _side(x, rows, ctrl_rows, ctrl: _Control, device, dtype) -> _Side:
     means = torch.from_numpy(group_means(x, [ctrl_rows] + rows)).to(device, dtype)
-    ctrl = dense_rows(x, ctrl_rows, device, dtype) if need_cells else None
-    return _Side(x=x, rows=rows, means=means[1:], ctrl_mean=means[0], ctrl_dense=ctrl,
-                 ctrl_sorted=sort_control(ctrl) if need_de else None,
-                 ctrl_self=mean_pairwise_distance(ctrl) if need_edist else None)
+    return _Side(x=x, rows=rows, means=means[1:], ctrl_mean=means[0], ctrl=ctrl)
 
 
 def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
@@ -138,10 +179,13 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     need_edist = "pearson_edistance" in wanted
     need_sets = bool(wanted & {"energy_distance", "mmd_rbf"})
     need_cells = need_de or need_edist or need_sets
-    r = _side(real.X, groups.real_rows, groups.real_ctrl, need_cells, need_de, need_edist,
-              device, dtype)
-    p = _side(pred.X, groups.pred_rows, groups.pred_ctrl, need_cells, need_de, need_edist,
-              device, dtype)
+    ctrl_r = _control(real.X[groups.real_ctrl], need_de, need_edist, device, dtype)
+    # A prediction normally carries the real control cells: prepare them once.
+    ctrl_p = pred.X[groups.pred_ctrl]
+    ctrl_p = (ctrl_r if _same_cells(ctrl_r.x, ctrl_p)
+              else _control(ctrl_p, need_de, need_edist, device, dtype))
+    r = _side(real.X, groups.real_rows, groups.real_ctrl, ctrl_r, device, dtype)
+    p = _side(pred.X, groups.pred_rows, groups.pred_ctrl, ctrl_p, device, dtype)
     cols: dict[str, torch.Tensor] = dict(mean_metrics(r.means, p.means, r.ctrl_mean,
                                                       p.ctrl_mean))
     if wanted & {f"discrimination_score_{m}" for m in ("l1", "l2", "cosine")}:
@@ -154,28 +198,30 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     if need_cells:
         sizes = [len(a) + len(b) for a, b in zip(groups.real_rows, groups.pred_rows)]
         need_dense = need_edist or need_sets or (need_de and not sparse_de)
-        for a, b in _chunks(sizes, len(genes), chunk_elements):
+        chunks = _chunks(sizes, len(genes), chunk_elements)
+        if need_dense:
+            r.reserve(chunks)
+            p.reserve(chunks)
+        for a, b in chunks:
             real_blk, pred_blk = r.block(a, b), p.block(a, b)
             if need_dense:
-                real_cells, seg_r = real_dense = real_blk.dense(device, dtype)
-                pred_cells, seg_p = pred_dense = pred_blk.dense(device, dtype)
+                real_dense = r.dense(real_blk, device, dtype)
+                pred_dense = p.dense(pred_blk, device, dtype)
+                real_cells, pred_cells = real_dense[0], pred_dense[0]
             else:
                 real_dense = pred_dense = None
             out: dict[str, torch.Tensor] = {}
             if need_de:
-                fdr_r = real_blk.de_fdr(real_dense, r.ctrl_sorted, sparse_de)
-                fdr_p = pred_blk.de_fdr(pred_dense, p.ctrl_sorted, sparse_de)
+                fdr_r = real_blk.de_fdr(real_dense, r.ctrl.sorted, sparse_de)
+                fdr_p = pred_blk.de_fdr(pred_dense, p.ctrl.sorted, sparse_de)
                 out.update(de_metrics(fdr_r, log2_fold_change(r.means[a:b], r.ctrl_mean),
                                       fdr_p, log2_fold_change(p.means[a:b], p.ctrl_mean)))
             if need_edist:
-                out["_edist_real"] = energy_to_control(real_cells, seg_r, b - a,
-                                                       r.ctrl_dense, r.ctrl_self)
-                out["_edist_pred"] = energy_to_control(pred_cells, seg_p, b - a,
-                                                       p.ctrl_dense, p.ctrl_self)
+                out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets)
+                out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets)
             if need_sets:
-                out.update(pred_real_distances(
-                    [pred_cells[seg_p == i] for i in range(b - a)],
-                    [real_cells[seg_r == i] for i in range(b - a)]))
+                out.update(pred_real_distances(pred_blk.sets(pred_cells),
+                                               real_blk.sets(real_cells)))
             for k, v in out.items():
                 chunk_cols.setdefault(k, []).append(v.detach())
             bar.update(b - a)

@@ -38,6 +38,14 @@ def _stored_values(x) -> np.ndarray:
     return x.data if sp.issparse(x) else np.asarray(x)
 
 
+def _has_fraction(values: np.ndarray, block: int = 1 << 16) -> bool:
+    """Whether a value's fractional part exceeds FRACTION_EPS, scanning block by block: log1p
+    data answer in the first block, without temporaries the size of the matrix."""
+    flat = values.reshape(-1)
+    return any((np.modf(flat[i:i + block])[0] > FRACTION_EPS).any()
+               for i in range(0, flat.size, block))
+
+
 def check_expression(adata: ad.AnnData, which: str) -> None:
     """Reject NaN/inf, integer counts and values outside the log1p range."""
     if adata.X is None:
@@ -45,17 +53,19 @@ def check_expression(adata: ad.AnnData, which: str) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{which}: .X has shape {adata.shape}; need cells and genes")
     values = _stored_values(adata.X)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise InputError(f"{which}: .X contains {int(bad.sum())} NaN/inf value(s)")
-    if values.size and not bool((np.modf(values)[0] > FRACTION_EPS).any()):
+    # min and max propagate NaN and reach +-inf: both finite means every value is.
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = int((~np.isfinite(values)).sum())
+        raise InputError(f"{which}: .X contains {bad} NaN/inf value(s)")
+    if values.size and not _has_fraction(values):
         raise InputError(
             f"{which}: .X looks like integer counts (no value has a fractional part); "
             "evaluation expects log1p of library-size-normalised expression. Normalise first "
             "(e.g. scanpy.pp.normalize_total then scanpy.pp.log1p)."
         )
-    lo = min(float(values.min()), 0.0) if sp.issparse(adata.X) else float(values.min())
-    hi = float(values.max())
+    if sp.issparse(adata.X):
+        lo = min(lo, 0.0)
     if lo < 0:
         raise InputError(f"{which}: .X has negative values (min {lo:.3g}); expected log1p data")
     if hi >= LOG1P_MAX:
@@ -166,14 +176,18 @@ def group_cells(real: ad.AnnData, pred: ad.AnnData, pert_key: str, control_label
     return out
 
 
-def dense_rows(x, rows: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of a dense or sparse matrix as a dense tensor on ``device``."""
-    return dense_tensor(x[rows], device, dtype)
+def dense_tensor(block, device: torch.device, dtype: torch.dtype,
+                 buffer: np.ndarray | None = None) -> torch.Tensor:
+    """A dense or sparse matrix as a dense tensor on ``device``.
 
-
-def dense_tensor(block, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A dense or sparse matrix as a dense tensor on ``device``."""
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    A sparse block is written into the front of ``buffer`` (flat, of the block's dtype) when it
+    fits: reused memory spares the page faults of a fresh array, much of the cost of densifying.
+    The tensor may then share the buffer's memory.
+    """
+    if sp.issparse(block):
+        size = block.shape[0] * block.shape[1]
+        fits = buffer is not None and buffer.dtype == block.dtype and buffer.size >= size
+        block = block.toarray(out=buffer[:size].reshape(block.shape) if fits else None)
     return torch.from_numpy(np.ascontiguousarray(block)).to(device=device, dtype=dtype)
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..ops import _cpp  # also loads perturbdiff::rank_sum and its fake when built
 from .ranking import run_bounds
 
 
@@ -36,15 +35,45 @@ class SortedControl:
         return self.values.shape[1]
 
 
-def sort_control(ctrl: torch.Tensor) -> SortedControl:
-    """``ctrl`` is ``[n_cells, G]``; returns the per-gene sorted values and tie terms."""
-    values = torch.sort(ctrl.T.contiguous(), dim=1).values
+def sort_control(ctrl: torch.Tensor | sp.spmatrix, device=None) -> SortedControl:
+    """``ctrl`` is ``[n_cells, G]``; returns the per-gene sorted values and tie terms.
+
+    A scipy sparse ``ctrl`` is sorted by its stored values only, its zeros being one run, so the
+    work grows with the stored values, not with n_cells x G; its values come in float64 on
+    ``device``.
+    """
+    values = (torch.from_numpy(_sorted_columns(ctrl)).to(device) if sp.issparse(ctrl)
+              else torch.sort(ctrl.T.contiguous(), dim=1).values)
+    return SortedControl(values, _tie_term(values))
+
+
+def _sorted_columns(x: sp.spmatrix) -> np.ndarray:
+    """The columns of sparse ``x`` sorted, as a dense float64 ``[G, n]`` array."""
+    x = sp.csc_matrix(x)
+    x.sum_duplicates()
+    n, n_genes = x.shape
+    data = x.data.astype(np.float64)
+    for a, b in zip(x.indptr[:-1], x.indptr[1:]):  # short columns: a loop beats a lexsort
+        data[a:b].sort()
+    stored = np.diff(x.indptr)
+    col = np.repeat(np.arange(n_genes), stored)
+    # Position in the sorted column: the rank among its stored values, shifted past the
+    # implicit zeros for values >= 0 (stored zeros then join the zero run).
+    pos = np.arange(len(data)) - x.indptr[col] + np.where(data >= 0, (n - stored)[col], 0)
+    values = np.zeros((n_genes, n))
+    values[col, pos] = data
+    return values
+
+
+def _tie_term(values: torch.Tensor) -> torch.Tensor:
+    """sum(t^3 - t) over the runs of equal values of each row of row-sorted ``values``."""
+    n_genes, n = values.shape
     new_run = torch.ones_like(values, dtype=torch.bool)
     new_run[:, 1:] = values[:, 1:] != values[:, :-1]
-    start, end = run_bounds(new_run)
-    t = (end - start + 1).to(torch.float64)
-    # sum over runs of t^3 - t == sum over positions of t^2 - 1
-    return SortedControl(values.contiguous(), (t * t - 1).sum(1))
+    start = new_run.view(-1).nonzero().squeeze(1)
+    t = torch.diff(start, append=start.new_tensor([values.numel()])).to(torch.float64)
+    return torch.zeros(n_genes, dtype=torch.float64, device=values.device).index_add_(
+        0, start // n, t * t * t - t)
 
 
 def rank_sum_test(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
@@ -99,7 +128,11 @@ def rank_sum_test_sparse(cells: sp.spmatrix | np.ndarray, seg_start: np.ndarray,
 
 
 def has_sparse_kernel() -> bool:
-    return hasattr(torch.ops.perturbdiff, "rank_sum") and _cpp._has_kernel("rank_sum", "CPU")
+    """Whether perturbdiff._C (loaded with the package) registered the CPU rank-sum kernel. Its
+    fake, for torch.compile and opcheck, comes with perturbdiff.ops, which evaluate() does not
+    need to import."""
+    return hasattr(torch.ops.perturbdiff, "rank_sum") and (
+        torch._C._dispatch_has_kernel_for_dispatch_key("perturbdiff::rank_sum", "CPU"))
 
 
 def _p_values(u1: torch.Tensor, tie: torch.Tensor, n1: torch.Tensor,
