@@ -35,5 +35,9 @@ TORCH_LIBRARY(perturbdiff, m) {
   // per-gene sorted control cells [G, n_ctrl]. CPU only; the torch version is in evaluate/wilcoxon.py.
   m.def("rank_sum(Tensor col_ptr, Tensor row_idx, Tensor values, Tensor seg_start, Tensor ctrl_sorted) "
         "-> (Tensor, Tensor)");
+  // The dense product A @ B of CSR matrices A [len(a_ptr) - 1, K] and B [K = len(b_ptr) - 1, m]: the
+  // evaluator's products of sparse cells. CPU only.
+  m.def("csr_mm(Tensor a_ptr, Tensor a_idx, Tensor a_val, Tensor b_ptr, Tensor b_idx, Tensor b_val, int m) "
+        "-> Tensor");
   m.def("build_info() -> str", &perturbdiff::build_info);
 }

@@ -16,31 +16,40 @@ CELLFLOW_SIGMAS = [math.sqrt(0.5 / g) for g in CELLFLOW_GAMMAS]
 def _mean_distance(sq_x: torch.Tensor, sq_y: torch.Tensor, gram: torch.Tensor,
                    dim: int | None = None) -> torch.Tensor:
     """Mean Euclidean distance from squared norms and dot products: the norm expansion
-    |x|^2 + |y|^2 - 2 x.y clamped at 0, as ``sklearn.metrics.pairwise_distances``."""
-    d2 = sq_x[:, None] + sq_y[None, :] - 2 * gram
+    -2 x.y + |x|^2 + |y|^2 clamped at 0, summed in ``sklearn.metrics.pairwise_distances``'s
+    order. Overwrites ``gram``."""
+    d2 = gram.mul_(-2).add_(sq_x[:, None]).add_(sq_y[None, :])
     return d2.clamp_min_(0).sqrt_().mean(dim)
 
 
-def mean_pairwise_distance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ y.T (x @ x.T when y is None) of dense cells."""
+    return x @ (x if y is None else y).T
+
+
+def mean_pairwise_distance(x, gram=torch_gram) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean Euclidean distance over all pairs of rows (self-pairs included, as 0) and the
-    rows' squared norms, both from one Gram matrix (whose diagonal makes self-pairs exactly 0)."""
-    gram = x @ x.T
-    sq = gram.diagonal()
-    return _mean_distance(sq, sq, gram), sq
+    rows' squared norms, both from one Gram matrix (whose diagonal makes self-pairs exactly 0).
+    ``gram`` computes products of the rows of ``x``: ``torch_gram`` for a dense tensor,
+    ``split_gram`` for ``SplitCells``."""
+    g = gram(x)
+    sq = g.diagonal().clone()
+    return _mean_distance(sq, sq, g), sq
 
 
-def energy_to_control(cells: torch.Tensor, offsets: np.ndarray, ctrl: torch.Tensor,
-                      ctrl_sq: torch.Tensor, ctrl_self: torch.Tensor) -> torch.Tensor:
+def energy_to_control(cells, offsets: np.ndarray, ctrl, ctrl_sq: torch.Tensor,
+                      ctrl_self: torch.Tensor, gram=torch_gram) -> torch.Tensor:
     """cell-eval's e-distance 2 E|x-c| - E|x-x'| - E|c-c'| (V-statistic, Euclidean) to the
     control cells of each perturbation, perturbation i owning rows offsets[i]:offsets[i + 1]
-    of ``cells``. ``ctrl_sq`` and ``ctrl_self`` are the controls' squared norms and E|c-c'|.
+    of ``cells``. ``ctrl_sq`` and ``ctrl_self`` are the controls' squared norms and E|c-c'|;
+    ``gram`` as in ``mean_pairwise_distance``.
 
     Each perturbation's own Gram gives E|x-x'| and its rows' norms; one product with the
     controls gives every cross term.
     """
-    within, sq = zip(*(mean_pairwise_distance(cells[a:b])
+    within, sq = zip(*(mean_pairwise_distance(cells[a:b], gram)
                        for a, b in zip(offsets[:-1], offsets[1:])))
-    to_ctrl = _mean_distance(torch.cat(sq), ctrl_sq, cells @ ctrl.T, dim=1)
+    to_ctrl = _mean_distance(torch.cat(sq), ctrl_sq, gram(cells, ctrl), dim=1)
     cross = torch.stack([c.mean() for c in to_ctrl.split(np.diff(offsets).tolist())])
     return 2 * cross - torch.stack(within) - ctrl_self
 

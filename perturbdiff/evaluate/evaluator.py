@@ -4,7 +4,11 @@ Design notes and deliberate differences from cell-eval 0.8.2 (values are otherwi
 
 * Everything is tensor work over all perturbations and genes at once (torch, on ``device``);
   memory is bounded by processing perturbations in chunks of at most ``chunk_elements``
-  expression values (cells x genes) per file, densified into one reused buffer per file. The
+  expression values (cells x genes) per file, densified into one reused buffer per file, or
+  ``chunk_elements / 2`` stored values when no metric needs the cells dense.
+* On CPU, sparse cells stay sparse: DE runs through a compiled rank-sum kernel (a column's
+  zeros are one tie run) and the e-distance's products through a compiled sparse product
+  (``sparse_gram.py``), so the work grows with the stored values. The
   control cells of a context are prepared once (dense for the e-distance, sorted per gene for
   DE), for both files when the prediction carries the real controls.
 * DE is pdex's: Mann-Whitney U per gene vs the control cells (tie-corrected normal
@@ -40,6 +44,8 @@ from . import catalog
 from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
 from .distribution import energy_to_control, mean_pairwise_distance, pred_real_distances
+from .sparse_gram import SplitCells, dense_genes, density, split_gram
+from .sparse_gram import has_kernel as has_csr_kernel
 from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
@@ -72,10 +78,10 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def _chunks(sizes: list[int], n_genes: int, chunk_elements: int) -> list[tuple[int, int]]:
-    """Consecutive perturbation ranges whose cells fit the element budget (>= 1 each)."""
+def _chunks(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive perturbation ranges whose summed sizes fit the budget (>= 1 each)."""
     out, start, cells = [], 0, 0
-    limit = max(1, chunk_elements // max(n_genes, 1))
+    limit = max(1, limit)
     for i, n in enumerate(sizes):
         if i > start and cells + n > limit:
             out.append((start, i))
@@ -93,17 +99,31 @@ class _Control:
     dense: torch.Tensor | None = None
     sq_norms: torch.Tensor | None = None  # e-distance: squared norms of the cells and E|c-c'|
     self_distance: torch.Tensor | None = None
+    # Sparse e-distance: the genes whose products go dense, and the controls split on them.
+    dense_genes: np.ndarray | None = None
+    split: SplitCells | None = None
     sorted: SortedControl | None = None  # DE
 
-    def energy_distances(self, cells: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
-        return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
+    def energy_distances(self, blk: "_Block", dense: torch.Tensor | None) -> torch.Tensor:
+        """The e-distance of each perturbation of ``blk`` (``dense``: its cells densified)."""
+        if self.split is not None:
+            return energy_to_control(SplitCells.split(blk.x, self.dense_genes), blk.offsets,
+                                     self.split, self.sq_norms, self.self_distance, split_gram)
+        return energy_to_control(dense, blk.offsets, self.dense, self.sq_norms,
+                                 self.self_distance)
 
 
-def _control(x, need_de: bool, need_edist: bool, device, dtype) -> _Control:
-    ctrl = _Control(x)
-    if need_edist or (need_de and not sp.issparse(x)):
+def _control(x, need_de: bool, need_edist: bool, dense_genes: np.ndarray | None, device,
+             dtype) -> _Control:
+    """``dense_genes``: None for e-distance products on dense cells, else the gene split of
+    the sparse products."""
+    ctrl = _Control(x, dense_genes=dense_genes)
+    if (need_edist and dense_genes is None) or (need_de and not sp.issparse(x)):
         ctrl.dense = dense_tensor(x, device, dtype)
-    if need_edist:
+    if need_edist and dense_genes is not None:
+        ctrl.split = SplitCells.split(x, dense_genes)
+        ctrl.self_distance, ctrl.sq_norms = mean_pairwise_distance(ctrl.split, split_gram)
+    elif need_edist:
         ctrl.self_distance, ctrl.sq_norms = mean_pairwise_distance(ctrl.dense)
     if need_de:  # sparse controls are sorted by their stored values only
         ctrl.sorted = sort_control(x if sp.issparse(x) else ctrl.dense, device)
@@ -126,6 +146,12 @@ class _Side:
     ctrl_mean: torch.Tensor
     ctrl: _Control
     buffer: np.ndarray | None = None  # reused by dense()
+
+    def stored(self) -> list[int]:
+        """Stored values (all values when dense) of each perturbation's cells."""
+        per_row = (np.diff(self.x.indptr) if sp.isspmatrix_csr(self.x)
+                   else np.full(self.x.shape[0], self.x.shape[1]))
+        return [int(per_row[r].sum()) for r in self.rows]
 
     def block(self, a: int, b: int) -> "_Block":
         rows = self.rows[a:b]
@@ -179,11 +205,21 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     need_edist = "pearson_edistance" in wanted
     need_sets = bool(wanted & {"energy_distance", "mmd_rbf"})
     need_cells = need_de or need_edist or need_sets
-    ctrl_r = _control(real.X[groups.real_ctrl], need_de, need_edist, device, dtype)
+    on_cpu64 = torch.device(device).type == "cpu" and dtype == torch.float64
+    # On CPU compiled kernels test sparse columns for DE (zeros as one tie run) and multiply
+    # sparse cells for the e-distance; elsewhere (and for dense inputs) torch works densely.
+    sparse_de = on_cpu64 and has_sparse_kernel()
+    sparse_edist = (need_edist and on_cpu64 and has_csr_kernel() and sp.issparse(real.X)
+                    and sp.issparse(pred.X))
+    ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
+    # One gene split for the context's products, from the densest side of each operand.
+    split = (dense_genes(np.maximum(density(real.X), density(pred.X)),
+                         np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))
+             if sparse_edist else None)
+    ctrl_r = _control(ctrl_x[0], need_de, need_edist, split, device, dtype)
     # A prediction normally carries the real control cells: prepare them once.
-    ctrl_p = pred.X[groups.pred_ctrl]
-    ctrl_p = (ctrl_r if _same_cells(ctrl_r.x, ctrl_p)
-              else _control(ctrl_p, need_de, need_edist, device, dtype))
+    ctrl_p = (ctrl_r if _same_cells(ctrl_r.x, ctrl_x[1])
+              else _control(ctrl_x[1], need_de, need_edist, split, device, dtype))
     r = _side(real.X, groups.real_rows, groups.real_ctrl, ctrl_r, device, dtype)
     p = _side(pred.X, groups.pred_rows, groups.pred_ctrl, ctrl_p, device, dtype)
     cols: dict[str, torch.Tensor] = dict(mean_metrics(r.means, p.means, r.ctrl_mean,
@@ -193,12 +229,13 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
         cols.update(discrimination_scores(r.means - r.ctrl_mean, p.means - p.ctrl_mean,
                                           excluded))
     chunk_cols: dict[str, list[torch.Tensor]] = {}
-    # On CPU the compiled kernel tests sparse columns (zeros as one tie run); elsewhere torch does.
-    sparse_de = torch.device(device).type == "cpu" and dtype == torch.float64 and has_sparse_kernel()
     if need_cells:
-        sizes = [len(a) + len(b) for a, b in zip(groups.real_rows, groups.pred_rows)]
-        need_dense = need_edist or need_sets or (need_de and not sparse_de)
-        chunks = _chunks(sizes, len(genes), chunk_elements)
+        need_dense = (need_edist and not sparse_edist) or need_sets or (need_de and not sparse_de)
+        if need_dense:  # the budget bounds each file's dense block
+            chunks = _chunks([len(a) + len(b) for a, b in zip(groups.real_rows, groups.pred_rows)],
+                             chunk_elements // len(genes))
+        else:  # cells stay sparse: the budget bounds stored values (halved: faster conversions)
+            chunks = _chunks([a + b for a, b in zip(r.stored(), p.stored())], chunk_elements // 2)
         if need_dense:
             r.reserve(chunks)
             p.reserve(chunks)
@@ -210,6 +247,7 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 real_cells, pred_cells = real_dense[0], pred_dense[0]
             else:
                 real_dense = pred_dense = None
+                real_cells = pred_cells = None
             out: dict[str, torch.Tensor] = {}
             if need_de:
                 fdr_r = real_blk.de_fdr(real_dense, r.ctrl.sorted, sparse_de)
@@ -217,8 +255,8 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 out.update(de_metrics(fdr_r, log2_fold_change(r.means[a:b], r.ctrl_mean),
                                       fdr_p, log2_fold_change(p.means[a:b], p.ctrl_mean)))
             if need_edist:
-                out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets)
-                out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets)
+                out["_edist_real"] = r.ctrl.energy_distances(real_blk, real_cells)
+                out["_edist_pred"] = p.ctrl.energy_distances(pred_blk, pred_cells)
             if need_sets:
                 out.update(pred_real_distances(pred_blk.sets(pred_cells),
                                                real_blk.sets(real_cells)))

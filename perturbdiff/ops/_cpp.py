@@ -63,6 +63,10 @@ def _register_op_meta() -> None:
         shape = (seg_start.shape[0] - 1, ctrl_sorted.shape[0])
         return ctrl_sorted.new_empty(shape), ctrl_sorted.new_empty(shape)
 
+    @torch.library.register_fake("perturbdiff::csr_mm")
+    def _(a_ptr, a_idx, a_val, b_ptr, b_idx, b_val, m):
+        return a_val.new_empty(a_ptr.shape[0] - 1, m)
+
     @torch.library.register_fake("perturbdiff::kme")
     def _(x, xw, z, center, kernel, bandwidths):
         return x.new_empty(x.shape[0], z.shape[1])
