@@ -13,13 +13,18 @@ CELLFLOW_GAMMAS = (2.0, 1.0, 0.5, 0.1, 0.01, 0.005)
 CELLFLOW_SIGMAS = [math.sqrt(0.5 / g) for g in CELLFLOW_GAMMAS]
 
 
+def _squared_distances(sq_x: torch.Tensor, sq_y: torch.Tensor, gram: torch.Tensor
+                       ) -> torch.Tensor:
+    """Squared Euclidean distances from squared norms and dot products: the norm expansion
+    -2 x.y + |x|^2 + |y|^2 clamped at 0, summed in ``sklearn.metrics.pairwise_distances``'s
+    order (a Gram matrix's own diagonal gives exact zeros). Overwrites ``gram``."""
+    return gram.mul_(-2).add_(sq_x[:, None]).add_(sq_y[None, :]).clamp_min_(0)
+
+
 def _mean_distance(sq_x: torch.Tensor, sq_y: torch.Tensor, gram: torch.Tensor,
                    dim: int | None = None) -> torch.Tensor:
-    """Mean Euclidean distance from squared norms and dot products: the norm expansion
-    -2 x.y + |x|^2 + |y|^2 clamped at 0, summed in ``sklearn.metrics.pairwise_distances``'s
-    order. Overwrites ``gram``."""
-    d2 = gram.mul_(-2).add_(sq_x[:, None]).add_(sq_y[None, :])
-    return d2.clamp_min_(0).sqrt_().mean(dim)
+    """Mean Euclidean distance (see ``_squared_distances``). Overwrites ``gram``."""
+    return _squared_distances(sq_x, sq_y, gram).sqrt_().mean(dim)
 
 
 def torch_gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,11 +81,21 @@ def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
     return groups
 
 
-def pred_real_distances(pred_sets: list[torch.Tensor], real_sets: list[torch.Tensor]
-                        ) -> dict[str, torch.Tensor]:
+# The set distances between predicted and real cells: (kernel, bandwidths) of a biased MMD^2,
+# the energy kernel's giving the "full" energy distance 2E|x-y| - E|x-x'| - E|y-y'|.
+SET_DISTANCES = {"energy_distance": ("energy", None), "mmd_rbf": ("rbf", CELLFLOW_SIGMAS)}
+
+
+def pred_real_distances(pred_sets: list, real_sets: list, gram=None) -> dict[str, torch.Tensor]:
     """Energy distance ("full" convention) and RBF MMD^2 (biased, mean kernel over CellFlow's
-    bandwidths) between the predicted and real cells of each perturbation, batched over sets of
-    similar size."""
+    bandwidths) between the predicted and real cells of each perturbation.
+
+    Dense sets go through perturbdiff.ops, batched over sets of similar size. With ``gram``
+    (e.g. ``split_gram`` for sparse cells) the same kernels (``ops.reference.radial``) are
+    evaluated on the squared distances of explicit Gram matrices, one perturbation at a time.
+    """
+    if gram is not None:
+        return _gram_set_distances(pred_sets, real_sets, gram)
     from perturbdiff import ops  # not on the path of cell-eval's metrics
 
     n = len(pred_sets)
@@ -90,8 +105,22 @@ def pred_real_distances(pred_sets: list[torch.Tensor], real_sets: list[torch.Ten
         x, xw = _padded([pred_sets[i] for i in group])
         y, yw = _padded([real_sets[i] for i in group])
         idx = torch.tensor(group)
-        out["energy_distance"][idx] = ops.energy_distance(x, y, convention="full", x_weights=xw,
-                                                          y_weights=yw)
-        out["mmd_rbf"][idx] = ops.mmd(x, y, kernel="rbf", bandwidth=CELLFLOW_SIGMAS,
-                                      x_weights=xw, y_weights=yw)
+        for key, (kernel, bandwidths) in SET_DISTANCES.items():
+            out[key][idx] = ops.mmd(x, y, kernel=kernel, bandwidth=bandwidths, x_weights=xw,
+                                    y_weights=yw)
     return out
+
+
+def _gram_set_distances(pred_sets: list, real_sets: list, gram) -> dict[str, torch.Tensor]:
+    from perturbdiff.ops.reference import radial  # the kernels' one Python definition
+
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in SET_DISTANCES}
+    for x, y in zip(pred_sets, real_sets):
+        gxx, gyy = gram(x), gram(y)
+        sq_x, sq_y = gxx.diagonal().clone(), gyy.diagonal().clone()
+        d = (_squared_distances(sq_x, sq_x, gxx), _squared_distances(sq_y, sq_y, gyy),
+             _squared_distances(sq_x, sq_y, gram(x, y)))
+        for key, (kernel, bandwidths) in SET_DISTANCES.items():
+            kxx, kyy, kxy = (radial(kernel, di, bandwidths).mean() for di in d)
+            out[key].append(kxx + kyy - 2 * kxy)
+    return {key: torch.stack(v) for key, v in out.items()}

@@ -99,25 +99,23 @@ class _Control:
     dense: torch.Tensor | None = None
     sq_norms: torch.Tensor | None = None  # e-distance: squared norms of the cells and E|c-c'|
     self_distance: torch.Tensor | None = None
-    # Sparse e-distance: the genes whose products go dense, and the controls split on them.
-    dense_genes: np.ndarray | None = None
-    split: SplitCells | None = None
+    split: SplitCells | None = None  # sparse e-distance: the controls split by gene
     sorted: SortedControl | None = None  # DE
 
-    def energy_distances(self, blk: "_Block", dense: torch.Tensor | None) -> torch.Tensor:
-        """The e-distance of each perturbation of ``blk`` (``dense``: its cells densified)."""
+    def energy_distances(self, cells, offsets: np.ndarray) -> torch.Tensor:
+        """The e-distance of each perturbation of ``cells`` (dense, or ``SplitCells`` when the
+        controls are split too), perturbation i owning rows offsets[i]:offsets[i + 1]."""
         if self.split is not None:
-            return energy_to_control(SplitCells.split(blk.x, self.dense_genes), blk.offsets,
-                                     self.split, self.sq_norms, self.self_distance, split_gram)
-        return energy_to_control(dense, blk.offsets, self.dense, self.sq_norms,
-                                 self.self_distance)
+            return energy_to_control(cells, offsets, self.split, self.sq_norms,
+                                     self.self_distance, split_gram)
+        return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
 
 
 def _control(x, need_de: bool, need_edist: bool, dense_genes: np.ndarray | None, device,
              dtype) -> _Control:
     """``dense_genes``: None for e-distance products on dense cells, else the gene split of
     the sparse products."""
-    ctrl = _Control(x, dense_genes=dense_genes)
+    ctrl = _Control(x)
     if (need_edist and dense_genes is None) or (need_de and not sp.issparse(x)):
         ctrl.dense = dense_tensor(x, device, dtype)
     if need_edist and dense_genes is not None:
@@ -180,8 +178,8 @@ class _Block:
     x: object  # scipy sparse or numpy rows, grouped by perturbation
     offsets: np.ndarray  # [P + 1]: perturbation i owns rows offsets[i]:offsets[i + 1]
 
-    def sets(self, cells: torch.Tensor) -> list[torch.Tensor]:
-        """Each perturbation's rows of the dense ``cells``."""
+    def sets(self, cells) -> list:
+        """Each perturbation's rows of ``cells`` (a dense tensor or ``SplitCells``)."""
         return [cells[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def de_fdr(self, dense, ctrl: SortedControl, sparse: bool) -> torch.Tensor:
@@ -207,15 +205,16 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     need_cells = need_de or need_edist or need_sets
     on_cpu64 = torch.device(device).type == "cpu" and dtype == torch.float64
     # On CPU compiled kernels test sparse columns for DE (zeros as one tie run) and multiply
-    # sparse cells for the e-distance; elsewhere (and for dense inputs) torch works densely.
+    # sparse cells for the e-distance and set distances; elsewhere (and for dense inputs) torch
+    # works densely.
     sparse_de = on_cpu64 and has_sparse_kernel()
-    sparse_edist = (need_edist and on_cpu64 and has_csr_kernel() and sp.issparse(real.X)
-                    and sp.issparse(pred.X))
+    sparse_cells = ((need_edist or need_sets) and on_cpu64 and has_csr_kernel()
+                    and sp.issparse(real.X) and sp.issparse(pred.X))
     ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
     # One gene split for the context's products, from the densest side of each operand.
     split = (dense_genes(np.maximum(density(real.X), density(pred.X)),
                          np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))
-             if sparse_edist else None)
+             if sparse_cells else None)
     ctrl_r = _control(ctrl_x[0], need_de, need_edist, split, device, dtype)
     # A prediction normally carries the real control cells: prepare them once.
     ctrl_p = (ctrl_r if _same_cells(ctrl_r.x, ctrl_x[1])
@@ -230,7 +229,7 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                                           excluded))
     chunk_cols: dict[str, list[torch.Tensor]] = {}
     if need_cells:
-        need_dense = (need_edist and not sparse_edist) or need_sets or (need_de and not sparse_de)
+        need_dense = ((need_edist or need_sets) and not sparse_cells) or (need_de and not sparse_de)
         if need_dense:  # the budget bounds each file's dense block
             chunks = _chunks([len(a) + len(b) for a, b in zip(groups.real_rows, groups.pred_rows)],
                              chunk_elements // len(genes))
@@ -241,13 +240,14 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
             p.reserve(chunks)
         for a, b in chunks:
             real_blk, pred_blk = r.block(a, b), p.block(a, b)
+            real_dense = pred_dense = real_cells = pred_cells = None
             if need_dense:
                 real_dense = r.dense(real_blk, device, dtype)
                 pred_dense = p.dense(pred_blk, device, dtype)
                 real_cells, pred_cells = real_dense[0], pred_dense[0]
-            else:
-                real_dense = pred_dense = None
-                real_cells = pred_cells = None
+            if sparse_cells:
+                real_cells = SplitCells.split(real_blk.x, split)
+                pred_cells = SplitCells.split(pred_blk.x, split)
             out: dict[str, torch.Tensor] = {}
             if need_de:
                 fdr_r = real_blk.de_fdr(real_dense, r.ctrl.sorted, sparse_de)
@@ -255,11 +255,11 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 out.update(de_metrics(fdr_r, log2_fold_change(r.means[a:b], r.ctrl_mean),
                                       fdr_p, log2_fold_change(p.means[a:b], p.ctrl_mean)))
             if need_edist:
-                out["_edist_real"] = r.ctrl.energy_distances(real_blk, real_cells)
-                out["_edist_pred"] = p.ctrl.energy_distances(pred_blk, pred_cells)
+                out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets)
+                out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets)
             if need_sets:
-                out.update(pred_real_distances(pred_blk.sets(pred_cells),
-                                               real_blk.sets(real_cells)))
+                out.update(pred_real_distances(pred_blk.sets(pred_cells), real_blk.sets(real_cells),
+                                               split_gram if sparse_cells else None))
             for k, v in out.items():
                 chunk_cols.setdefault(k, []).append(v.detach())
             bar.update(b - a)
