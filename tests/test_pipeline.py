@@ -1,6 +1,8 @@
 """End to end on the shared real dataset: prepare -> split -> train -> predict -> baselines ->
 evaluate, a short version of the README's real-data run."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -58,3 +60,13 @@ def test_demo_command_on_a_synthetic_screen(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pearson_delta" in out and "perturbation_mean" in out
     assert (tmp_path / "screen.h5ad").exists() and (tmp_path / "report" / "report.md").exists()
+
+
+def test_console_command_runs_and_skips_the_final_collection():
+    """``perturbdiff`` (the console script) runs main() and freezes the collector for a fast exit."""
+    proc = subprocess.run([sys.executable, "-c", "import gc, sys; sys.argv = ['perturbdiff', 'info'];"
+                           "from perturbdiff.cli import console_main; code = console_main();"
+                           "print('frozen', gc.get_freeze_count() > 0); sys.exit(code)"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "frozen True" in proc.stdout
