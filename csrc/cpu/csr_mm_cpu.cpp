@@ -18,9 +18,6 @@ namespace perturbdiff::cpu {
 namespace {
 
 template <typename scalar_t, typename index_t>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))  // AVX2 + FMA where the CPU has them
-#endif
 void product_rows(const index_t* a_ptr, const index_t* a_idx, const scalar_t* a_val, const index_t* b_ptr,
                   const index_t* b_idx, const scalar_t* b_val, int64_t r0, int64_t r1, int64_t M,
                   scalar_t* out) {
