@@ -512,5 +512,13 @@ def train(config: dict | str | Path, overrides=()) -> Path:
     Under torchrun each process calls this; rank 0 writes the run folder. Returns the run folder.
     """
     cfg = load_config(config, overrides)
+    started = not torch.distributed.is_initialized()
     dist = setup_distributed(cfg["run"]["device"])
-    return Trainer(cfg, dist).fit()
+    try:
+        out = Trainer(cfg, dist).fit()
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # no rank tears down while another still communicates
+        return out
+    finally:
+        if started and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -51,6 +51,7 @@ def _worker(rank, init_file, out_file):
         grads = gradients(model, half, self_cond=True)
         if rank == 0:
             torch.save(grads, out_file)
+        tdist.barrier()  # neither rank tears gloo down while the other still communicates
     finally:
         tdist.destroy_process_group()
 

@@ -1,6 +1,9 @@
 """End-to-end trainer and predictor on a tiny store: exact resume, checkpoint errors,
 fine-tuning transfer, overfitting a small screen, and the prediction files."""
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +183,16 @@ def test_bf16_without_native_support_warns(store, tmp_path, monkeypatch, capsys)
     assert "without native bf16" in capsys.readouterr().out
     Trainer(load_config("cpu-small", small(store, tmp_path / "fp", "train.bf16=false")), Dist())
     assert "bf16" not in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_train_and_shut_down_cleanly(store, tmp_path):
+    """`torchrun --nproc_per_node 2 -m perturbdiff train` (gloo): both ranks train, rank 0 writes
+    the run, and both exit cleanly (a rank aborting in the process group's teardown fails it)."""
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "perturbdiff", "train", "cpu-small",
+           *small(store, run_dir, "train.max_steps=2", "train.checkpoint_every=2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(run_dir.rglob("*.pt")), sorted(p.name for p in run_dir.rglob("*"))
