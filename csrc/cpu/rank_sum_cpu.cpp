@@ -19,10 +19,26 @@ namespace {
 
 inline double tie_count(double t) { return t * t * t - t; }
 
-// Counts of control values below and equal to v (ctrl sorted ascending).
-inline std::pair<int64_t, int64_t> control_counts(const double* ctrl, int64_t n, double v) {
-  const double* lo = std::lower_bound(ctrl, ctrl + n, v);
-  const double* hi = std::upper_bound(lo, ctrl + n, v);
+// First p in [from, end) with !below(*p), for a predicate that holds on a prefix: probes from,
+// from + 1, from + 3, ... then bisects the last gap, so the cost grows with log(p - from).
+template <typename Below>
+inline const double* gallop(const double* from, const double* end, Below below) {
+  int64_t step = 1;
+  while (from < end && below(*from)) {
+    const double* probe = end - from > step ? from + step : end;
+    if (probe == end || !below(*probe)) return std::partition_point(from + 1, probe, below);
+    from = probe + 1;
+    step *= 2;
+  }
+  return from;
+}
+
+// Counts of control values below and equal to v in ctrl[0:n] (sorted ascending), every value
+// before `from` being known to be below v: the ascending values of a column walk the controls
+// once instead of bisecting them from the start for each value.
+inline std::pair<int64_t, int64_t> control_counts(const double* ctrl, const double* from, int64_t n, double v) {
+  const double* lo = gallop(from, ctrl + n, [v](double c) { return c < v; });
+  const double* hi = gallop(lo, ctrl + n, [v](double c) { return c <= v; });
   return {lo - ctrl, hi - lo};
 }
 
@@ -53,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& col_ptr, const
     std::vector<double> buf;
     for (int64_t g = g0; g < g1; ++g) {
       const double* c = ctrl_p + g * n_ctrl;
-      const auto [lo0, tc0] = control_counts(c, n_ctrl, 0.0);
+      const auto [lo0, tc0] = control_counts(c, c, n_ctrl, 0.0);
       int64_t k = cpp[g];
       const int64_t end = cpp[g + 1];
       for (int64_t s = 0; s < P; ++s) {
@@ -68,10 +84,13 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& col_ptr, const
           u += zeros * (lo0 + 0.5 * tc0);
           t += tie_count(zeros + tc0) - tie_count(static_cast<double>(tc0));
         }
+        const double* from = c;
         for (size_t i = 0; i < buf.size();) {
           size_t j = i + 1;
           while (j < buf.size() && buf[j] == buf[i]) ++j;
-          const auto [lo, tc] = control_counts(c, n_ctrl, buf[i]);
+          if (buf[i] > 0.0) from = std::max(from, c + lo0 + tc0);  // past the controls' zeros
+          const auto [lo, tc] = control_counts(c, from, n_ctrl, buf[i]);
+          from = c + lo + tc;
           const double tx = static_cast<double>(j - i);
           u += tx * (lo + 0.5 * tc);
           t += tie_count(tx + tc) - tie_count(static_cast<double>(tc));
