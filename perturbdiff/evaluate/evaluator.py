@@ -7,10 +7,10 @@ Design notes and deliberate differences from cell-eval 0.8.2 (values are otherwi
   expression values (cells x genes) per file, densified into one reused buffer per file, or
   ``chunk_elements / 2`` stored values when no metric needs the cells dense.
 * On CPU, sparse cells stay sparse: DE runs through a compiled rank-sum kernel (a column's
-  zeros are one tie run) and the e-distance's products through a compiled sparse product
-  (``sparse_gram.py``), so the work grows with the stored values. The
-  control cells of a context are prepared once (dense for the e-distance, sorted per gene for
-  DE), for both files when the prediction carries the real controls.
+  zeros are one tie run), and the products behind the e-distance and the set distances through
+  a compiled sparse product (``sparse_gram.py``), so the work grows with the stored values.
+* The control cells of a context are prepared once (split or dense for the e-distance, sorted
+  per gene for DE), for both files when the prediction carries the real controls.
 * DE is pdex's: Mann-Whitney U per gene vs the control cells (tie-corrected normal
   approximation, continuity correction), BH FDR per perturbation, log2 fold change of
   expm1(mean log1p) pseudobulks with epsilon 0. A gene whose control mean is 0 therefore has
@@ -44,12 +44,12 @@ from . import catalog
 from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
 from .distribution import energy_to_control, mean_pairwise_distance, pred_real_distances
-from .sparse_gram import SplitCells, dense_genes, density, split_gram
-from .sparse_gram import has_kernel as has_csr_kernel
 from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
 from .ranking import masked_pearson
+from .sparse_gram import SplitCells, dense_genes, density, split_gram
+from .sparse_gram import has_kernel as has_csr_kernel
 from .wilcoxon import (SortedControl, benjamini_hochberg, has_sparse_kernel, log2_fold_change,
                        rank_sum_test, rank_sum_test_sparse, sort_control)
 
