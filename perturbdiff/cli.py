@@ -2,7 +2,6 @@
 imported only when that subcommand runs so ``perturbdiff info`` stays fast."""
 
 import argparse
-import gc
 import importlib
 import sys
 
@@ -69,14 +68,5 @@ def main(argv=None) -> int:
         return 2
 
 
-def console_main() -> int:
-    """The ``perturbdiff`` command: ``main()``, then freeze the garbage collector so that the
-    interpreter's final collection skips torch's many objects (about 0.5 s of every exit); the
-    command's outputs are written and closed by then."""
-    code = main()
-    gc.freeze()
-    return code
-
-
 if __name__ == "__main__":
-    sys.exit(console_main())
+    sys.exit(main())

@@ -62,11 +62,10 @@ def test_demo_command_on_a_synthetic_screen(tmp_path, capsys):
     assert (tmp_path / "screen.h5ad").exists() and (tmp_path / "report" / "report.md").exists()
 
 
-def test_console_command_runs_and_skips_the_final_collection():
-    """``perturbdiff`` (the console script) runs main() and freezes the collector for a fast exit."""
-    proc = subprocess.run([sys.executable, "-c", "import gc, sys; sys.argv = ['perturbdiff', 'info'];"
-                           "from perturbdiff.cli import console_main; code = console_main();"
-                           "print('frozen', gc.get_freeze_count() > 0); sys.exit(code)"],
-                          capture_output=True, text=True, timeout=300)
+def test_console_command_exits_quietly():
+    """``python -m perturbdiff info`` exits 0 with nothing on stderr (no leak reports from
+    extension modules at interpreter exit, e.g. when the collector was frozen)."""
+    proc = subprocess.run([sys.executable, "-m", "perturbdiff", "info"], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "frozen True" in proc.stdout
+    assert "perturbdiff" in proc.stdout and proc.stderr.strip() == "", proc.stderr[-2000:]
