@@ -127,16 +127,18 @@ def test_energy_to_control_on_split_cells_matches_cdist():
     np.testing.assert_allclose(e.numpy(), ref, rtol=1e-10)
 
 
-def test_evaluate_sparse_and_dense_inputs_agree(shared_data):
-    """On real (sparse) cells, the sparse products (sparse .X) and the dense GEMM path (dense
-    .X) give the same metrics, pearson_edistance included, per context."""
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_evaluate_sparse_and_dense_inputs_agree(shared_data, fmt):
+    """On real (sparse) cells, the sparse products (sparse .X, CSR or CSC) and the dense GEMM
+    path (dense .X) give the same metrics, pearson_edistance included, per context."""
     real = ad.read_h5ad(shared_data)[:, :150]
     real = real[real.obs["cell_type"].isin(["T98G", "U87MG"])].copy()
     rng = np.random.default_rng(0)
     x = real.X.toarray()
     moved = np.flatnonzero(real.obs["condition"].to_numpy(str) != "control")
     x[moved] = x[rng.permutation(moved)] * (1 + 0.1 * rng.random((len(moved), x.shape[1])))
-    pred = ad.AnnData(sp.csr_matrix(x), obs=real.obs, var=real.var)
+    pred = ad.AnnData(sp.csr_matrix(x).asformat(fmt), obs=real.obs, var=real.var)
+    real.X = sp.csr_matrix(real.X).asformat(fmt)
 
     def run(p, r):
         return evaluate(p, r, "condition", "control", context_key="cell_type",
