@@ -21,6 +21,13 @@ def has_extension() -> bool:
     return _ERROR is None
 
 
+def has_kernel(op: str, dispatch_key: str = "CPU") -> bool:
+    """Whether the extension registered a ``dispatch_key`` kernel for ``perturbdiff::<op>`` (an
+    older build may lack the op altogether)."""
+    return (_ERROR is None and hasattr(torch.ops.perturbdiff, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"perturbdiff::{op}", dispatch_key))
+
+
 def extension_error():
     """The ImportError that stopped ``perturbdiff._C`` from loading, or None."""
     return _ERROR

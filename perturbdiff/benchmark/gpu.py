@@ -56,9 +56,9 @@ def source_checkout() -> Path | None:
 
 
 def has_cuda_kernels() -> bool:
-    from .. import has_extension
+    from .._extension import has_kernel
 
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("perturbdiff::pairwise_mmd", "CUDA")
+    return has_kernel("pairwise_mmd", "CUDA")
 
 
 def _build_step(tmp: Path, repo: Path | None) -> dict:

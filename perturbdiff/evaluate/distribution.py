@@ -99,7 +99,7 @@ def pred_real_distances(pred_sets: list, real_sets: list, gram=None) -> dict[str
     from perturbdiff import ops  # not on the path of cell-eval's metrics
 
     n = len(pred_sets)
-    out = {k: pred_sets[0].new_empty(n) for k in ("energy_distance", "mmd_rbf")}
+    out = {key: pred_sets[0].new_empty(n) for key in SET_DISTANCES}
     sizes = [max(p.shape[0], r.shape[0]) for p, r in zip(pred_sets, real_sets)]
     for group in _similar_sizes(sizes):
         x, xw = _padded([pred_sets[i] for i in group])

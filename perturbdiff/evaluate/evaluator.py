@@ -40,18 +40,19 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from .._extension import has_kernel  # the kernels' fakes (perturbdiff.ops) are not needed here
 from . import catalog
 from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
-from .distribution import energy_to_control, mean_pairwise_distance, pred_real_distances
+from .distribution import (SET_DISTANCES, energy_to_control, mean_pairwise_distance,
+                           pred_real_distances)
 from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
 from .ranking import masked_pearson
 from .sparse_gram import SplitCells, dense_genes, density, split_gram
-from .sparse_gram import has_kernel as has_csr_kernel
-from .wilcoxon import (SortedControl, benjamini_hochberg, has_sparse_kernel, log2_fold_change,
-                       rank_sum_test, rank_sum_test_sparse, sort_control)
+from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
+                       rank_sum_test_sparse, sort_control)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8 Mi values (64 MiB in float64) per dense cell block
 
@@ -146,7 +147,7 @@ class _Side:
     buffer: np.ndarray | None = None  # reused by dense()
 
     def stored(self) -> list[int]:
-        """Stored values (all values when dense) of each perturbation's cells."""
+        """Stored values of each perturbation's cells (all values unless the matrix is CSR)."""
         per_row = (np.diff(self.x.indptr) if sp.isspmatrix_csr(self.x)
                    else np.full(self.x.shape[0], self.x.shape[1]))
         return [int(per_row[r].sum()) for r in self.rows]
@@ -198,22 +199,24 @@ def _side(x, rows, ctrl_rows, ctrl: _Control, device, dtype) -> _Side:
 
 def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                       genes: np.ndarray, wanted: set[str], target_exclusion: str,
-                      chunk_elements: int, device, dtype, bar) -> pd.DataFrame:
+                      chunk_elements: int, device, dtype, cell_density: np.ndarray | None,
+                      bar) -> pd.DataFrame:
+    """One context's metrics. ``cell_density``: the files' per-gene density (the larger of the
+    two), given when both files are sparse and a metric multiplies cells on the CPU."""
     need_de = bool(wanted & set(catalog.DE_METRICS))
     need_edist = "pearson_edistance" in wanted
-    need_sets = bool(wanted & {"energy_distance", "mmd_rbf"})
+    need_sets = bool(wanted & SET_DISTANCES.keys())
     need_cells = need_de or need_edist or need_sets
     on_cpu64 = torch.device(device).type == "cpu" and dtype == torch.float64
     # On CPU compiled kernels test sparse columns for DE (zeros as one tie run) and multiply
     # sparse cells for the e-distance and set distances; elsewhere (and for dense inputs) torch
     # works densely.
-    sparse_de = on_cpu64 and has_sparse_kernel()
-    sparse_cells = ((need_edist or need_sets) and on_cpu64 and has_csr_kernel()
-                    and sp.issparse(real.X) and sp.issparse(pred.X))
+    sparse_de = on_cpu64 and has_kernel("rank_sum")
+    sparse_cells = ((need_edist or need_sets) and on_cpu64 and has_kernel("csr_mm")
+                    and cell_density is not None)
     ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
     # One gene split for the context's products, from the densest side of each operand.
-    split = (dense_genes(np.maximum(density(real.X), density(pred.X)),
-                         np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))
+    split = (dense_genes(cell_density, np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))
              if sparse_cells else None)
     ctrl_r = _control(ctrl_x[0], need_de, need_edist, split, device, dtype)
     # A prediction normally carries the real control cells: prepare them once.
@@ -302,13 +305,19 @@ def evaluate(pred: ad.AnnData | str | os.PathLike, real: ad.AnnData | str | os.P
     check_expression(pred_ad, "pred")
     contexts = group_cells(real_ad, pred_ad, pert_key, control_label, context_key)
     dev = _device(device)
+    # The gene split of the sparse products starts from the files' densities: once, not per
+    # context.
+    multiplies = bool(set(metrics) & {"pearson_edistance", *SET_DISTANCES})
+    cell_density = (np.maximum(density(real_ad.X), density(pred_ad.X))
+                    if multiplies and dev.type == "cpu" and sp.issparse(real_ad.X)
+                    and sp.issparse(pred_ad.X) else None)
     total = sum(len(g.perts) for g in contexts)
     frames = []
     with tqdm(total=total, desc="evaluate", unit="pert", disable=not progress) as bar:
         for groups in contexts:
             frames.append(_evaluate_context(groups, real_ad, pred_ad, genes, set(metrics),
                                             target_exclusion, chunk_elements, dev,
-                                            torch.float64, bar))
+                                            torch.float64, cell_density, bar))
     per_pert = pd.concat(frames, ignore_index=True)
     return EvalResult(per_pert=per_pert, agg=describe(per_pert, metrics), metrics=metrics,
                       pert_key=pert_key, control_label=control_label,

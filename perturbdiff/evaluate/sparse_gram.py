@@ -24,12 +24,6 @@ import torch
 SPARSE_COST = 25.0
 
 
-def has_kernel() -> bool:
-    """Whether perturbdiff._C registered the CPU kernel of perturbdiff::csr_mm."""
-    return hasattr(torch.ops.perturbdiff, "csr_mm") and (
-        torch._C._dispatch_has_kernel_for_dispatch_key("perturbdiff::csr_mm", "CPU"))
-
-
 def density(x: sp.spmatrix) -> np.ndarray:
     """Fraction of the cells with a stored value, per gene."""
     x = sp.csr_matrix(x)

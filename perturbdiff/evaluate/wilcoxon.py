@@ -127,14 +127,6 @@ def rank_sum_test_sparse(cells: sp.spmatrix | np.ndarray, seg_start: np.ndarray,
     return u1, _p_values(u1, tie, n1, ctrl)
 
 
-def has_sparse_kernel() -> bool:
-    """Whether perturbdiff._C (loaded with the package) registered the CPU rank-sum kernel. Its
-    fake, for torch.compile and opcheck, comes with perturbdiff.ops, which evaluate() does not
-    need to import."""
-    return hasattr(torch.ops.perturbdiff, "rank_sum") and (
-        torch._C._dispatch_has_kernel_for_dispatch_key("perturbdiff::rank_sum", "CPU"))
-
-
 def _p_values(u1: torch.Tensor, tie: torch.Tensor, n1: torch.Tensor,
               ctrl: SortedControl) -> torch.Tensor:
     """Two-sided p-values from U1 and the pooled tie term less the control's own, ``[P, G]``."""

@@ -18,10 +18,6 @@ SAVE_MAX_ELEMENTS = 1 << 27
 _FLOAT_TYPES = (torch.float32, torch.float64)
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"perturbdiff::{op}", dispatch_key)
-
-
 def _check_differentiable_inputs(op: str, **tensors) -> None:
     if torch.is_grad_enabled():
         needing = [name for name, t in tensors.items() if t.requires_grad]
@@ -111,9 +107,9 @@ def _register_op_meta() -> None:
 
 def _register_backends() -> None:
     ops = {"pairwise_mmd": pairwise_mmd, "kme": kme}
-    if _has_kernel("pairwise_mmd", "CPU") and _has_kernel("kme", "CPU"):
+    if _extension.has_kernel("pairwise_mmd", "CPU") and _extension.has_kernel("kme", "CPU"):
         _backends.register(_backends.Backend("cpu", "cpu", ops, dtypes=_FLOAT_TYPES, priority=10))
-    if _has_kernel("pairwise_mmd", "CUDA") and _has_kernel("kme", "CUDA"):
+    if _extension.has_kernel("pairwise_mmd", "CUDA") and _extension.has_kernel("kme", "CUDA"):
         _backends.register(_backends.Backend("cuda", "cuda", ops, dtypes=_FLOAT_TYPES, priority=5))
 
 

@@ -250,9 +250,9 @@ def _candidates():
     on_gpu = torch.cuda.is_available()
     if triton_fn is not None and on_gpu:
         cands.append(("triton", triton_fn, lambda t: t.is_cuda and t.dtype == torch.float32))
-    if _has_kernel("rff_embed", "CUDA"):
+    if _extension.has_kernel("rff_embed", "CUDA"):
         cands.append(("cuda", torch.ops.perturbdiff.rff_embed, lambda t: t.is_cuda and t.dtype in _FLOATS))
-    if _has_kernel("rff_embed", "CPU"):
+    if _extension.has_kernel("rff_embed", "CPU"):
         cands.append(("cpu", torch.ops.perturbdiff.rff_embed, lambda t: t.device.type == "cpu" and t.dtype in _FLOATS))
     cands.append(("torch", reference_embed_sums, lambda t: True))
     if triton_fn is not None and not on_gpu:
@@ -263,15 +263,9 @@ def _candidates():
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    return (_extension.has_extension()
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"perturbdiff::{op}", key))
-
-
 def _register_compiled_op() -> None:
     """Fake (shape) implementation and autograd for the C++ op, when the extension defines it."""
-    if not (_extension.has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "perturbdiff::rff_embed", "CPU")):
+    if not _extension.has_kernel("rff_embed", "CPU"):
         return
 
     @torch.library.register_fake("perturbdiff::rff_embed")
