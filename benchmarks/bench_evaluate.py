@@ -9,7 +9,7 @@ adds r2, r2_delta and the pred-vs-real energy distance and RBF-MMD). Columns: "e
 a fresh interpreter importing the tool and evaluating once; "import+first" the tool's import plus
 its first call inside that process; "warm" a second call (the metric work); peak RSS of the child.
 Usage:
-    python benchmarks/bench_evaluate.py [--genes 500 2000 18080] [--skip-cell-eval]
+    python benchmarks/bench_evaluate.py [--genes 500 2000 18080] [--skip-cell-eval] [--device cuda]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def make_inputs(n_genes: int, out: Path) -> tuple[Path, Path]:
     return paths
 
 
-def run_tool(tool: str, real: Path, pred: Path, out: Path, warm: bool) -> dict:
+def run_tool(tool: str, real: Path, pred: Path, out: Path, warm: bool, device: str = "cpu") -> dict:
     """Executed in a child process: time the evaluation, report wall time and peak RSS."""
     t0 = time.perf_counter()
     if tool.startswith("perturbdiff"):
@@ -62,7 +62,7 @@ def run_tool(tool: str, real: Path, pred: Path, out: Path, warm: bool) -> dict:
 
         def once():
             return evaluate(str(pred), str(real), "condition", "control", profile=profile,
-                            progress=False).per_pert
+                            device=device, progress=False).per_pert
     else:
         import cell_eval
 
@@ -91,12 +91,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(tool, real, pred, out) -> dict:
+def child(tool, real, pred, out, device="cpu") -> dict:
     code = (f"import json,sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r});"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r});"
             "from bench_evaluate import run_tool; from pathlib import Path;"
             f"print(json.dumps(run_tool({tool!r}, Path({str(real)!r}), Path({str(pred)!r}),"
-            f" Path({str(out)!r}), True)))")
+            f" Path({str(out)!r}), True, {device!r})))")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
                           text=True, check=True)
@@ -120,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--genes", type=int, nargs="+", default=[500, 2000, 18080])
     parser.add_argument("--skip-cell-eval", action="store_true")
+    parser.add_argument("--device", default="cpu", help="perturbdiff's device (cell-eval runs on the CPU)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -127,7 +128,7 @@ def main() -> None:
             real, pred = make_inputs(g, out)
             tools = ["perturbdiff:cell-eval", "perturbdiff:full"] + (
                 [] if args.skip_cell_eval else ["cell-eval"])
-            res = {t: child(t, real, pred, out) for t in tools}
+            res = {t: child(t, real, pred, out, args.device) for t in tools}
             for t, r in res.items():
                 print(f"genes={g:6d} {t:22s} end to end {r['process_s']:7.2f}s  import+first "
                       f"{r['end_to_end_s']:7.2f}s  warm {r['warm_s']:7.2f}s  "

@@ -9,6 +9,7 @@ step into the objective (self-conditioning pass + forward + loss), backward, and
 
     python benchmarks/bench_train_step.py            # the cases recorded in results/train.md
     python benchmarks/bench_train_step.py --quick    # tiny smoke version
+    python benchmarks/bench_train_step.py --device cuda --bf16   # on a GPU (peak = CUDA allocator)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def naive_energy(x, y, weights=None):
 
 
 def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, threads, compile=False,
-             keep_memory=True):
+             keep_memory=True, device="cpu"):
     from perturbdiff import diffusion as D
     from perturbdiff.diffusion import GaussianDiffusion, LossConfig
     from perturbdiff.model import PerturbDiffModel
@@ -42,13 +43,15 @@ def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, thr
     from perturbdiff.config import DEFAULTS
 
     torch.set_num_threads(threads)
-    if keep_memory:
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if keep_memory and not on_gpu:
         keep_freed_memory()
     if naive:
         D.set_discrepancy = lambda pred, target, w, cfg: naive_energy(target, pred)
     vocab = {"perturbation": [f"p{i}" for i in range(50)], "context": ["a", "b"], "batch": ["b0"]}
     torch.manual_seed(0)
-    model = PerturbDiffModel(genes, vocab, width=width, depth=depth, heads=heads)
+    model = PerturbDiffModel(genes, vocab, width=width, depth=depth, heads=heads).to(device)
     opt = make_optimizer(model, DEFAULTS["optim"])
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
@@ -59,21 +62,27 @@ def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, thr
     batch = {"x": torch.rand(sets, set_size, genes) * 0.3, "ctrl": torch.rand(sets, set_size, genes) * 0.3,
              "mask": torch.ones(sets, set_size, dtype=torch.bool), "pert": torch.zeros(sets, dtype=torch.long),
              "context": torch.zeros(sets, dtype=torch.long), "batch": torch.zeros(sets, dtype=torch.long)}
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None
+    batch = {k: v.to(device) for k, v in batch.items()}
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     coins = [(False, False), (True, False), (False, True), (True, True)]
 
     phases = [0.0, 0.0, 0.0]
 
     def step(i):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         drop, sc = coins[i % 4]
-        out = diff.training_losses(net, batch, cfg, torch.Generator().manual_seed(i), drop_cond=drop,
+        out = diff.training_losses(net, batch, cfg, torch.Generator(device).manual_seed(i), drop_cond=drop,
                                    self_cond=sc, drop_control=False, autocast=autocast)
+        sync()
         t1 = time.perf_counter()
         out["loss"].backward()
+        sync()
         t2 = time.perf_counter()
         clip_and_step(opt, params, 1.0)
+        sync()
         t3 = time.perf_counter()
         for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
             phases[k] += dt
@@ -86,14 +95,17 @@ def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, thr
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
+    sync()
     sec = (time.perf_counter() - t0) / steps
     total = sum(phases)
+    peak = (torch.cuda.max_memory_allocated(device) if on_gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"genes": genes, "set_size": set_size, "sets": sets, "naive_loss": naive, "bf16": bf16,
             "compile": compile, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "s_per_step": round(sec, 3), "cells_per_s": round(sets * set_size / sec, 1),
             "fwd_pct": round(100 * phases[0] / total), "bwd_pct": round(100 * phases[1] / total),
             "opt_pct": round(100 * phases[2] / total), "warmup_s": round(warm, 1),
-            "peak_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "peak_GiB": round(peak / 2**30, 2)}
 
 
 def main():
@@ -107,6 +119,7 @@ def main():
     ap.add_argument("--no-keep-memory", action="store_true",
                     help="leave glibc's defaults (freed blocks go back to the system)")
     ap.add_argument("--cases", help="G,S,B;G,S,B... instead of the recorded cases")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on CPU, allocator on GPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON args of one case
     args = ap.parse_args()
     if args.one:
@@ -119,14 +132,14 @@ def main():
     jobs = []
     for genes, s, b in cases:
         base = dict(genes=genes, set_size=s, sets=b, naive=False, bf16=False,
-                    keep_memory=not args.no_keep_memory)
+                    keep_memory=not args.no_keep_memory, device=args.device)
         jobs += [base, {**base, "naive": True}]
         if args.bf16:
             jobs.append({**base, "bf16": True})
         if args.compile:
             jobs.append({**base, "compile": True})
     print(f"{'G':>6} {'S':>4} {'B':>2} {'loss':>6} {'variant':>8} {'params':>8} {'s/step':>7} {'cells/s':>8} "
-          f"{'fwd%':>5} {'bwd%':>5} {'opt%':>5} {'peakRSS':>8}")
+          f"{'fwd%':>5} {'bwd%':>5} {'opt%':>5} {'peak':>8}")
     for job in jobs:
         spec = json.dumps({**job, **size, "steps": args.steps, "threads": args.threads})
         out = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, check=True)
@@ -134,7 +147,7 @@ def main():
         variant = "bf16" if r["bf16"] else f"compile({r['warmup_s']:.0f}s)" if r["compile"] else "fp32"
         print(f"{r['genes']:>6} {r['set_size']:>4} {r['sets']:>2} {'naive' if r['naive_loss'] else 'ops':>6} "
               f"{variant:>8} {r['params_M']:>7}M {r['s_per_step']:>7} {r['cells_per_s']:>8} "
-              f"{r['fwd_pct']:>5} {r['bwd_pct']:>5} {r['opt_pct']:>5} {r['peak_rss_GiB']:>6}GiB", flush=True)
+              f"{r['fwd_pct']:>5} {r['bwd_pct']:>5} {r['opt_pct']:>5} {r['peak_GiB']:>6}GiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Loads the compiled extension ``perturbdiff._C`` once; the package works without it."""
 
 import warnings
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 import torch  # noqa: F401  (the extension links against libtorch: import it first)
 
@@ -8,9 +10,11 @@ _ERROR = None
 try:
     from . import _C  # noqa: F401  (registers the perturbdiff:: dispatcher ops)
 except ImportError as exc:  # not built, or built against another torch
-    _ERROR = exc
+    # Python words a missing file as "partially initialized module ... circular import": say so plainly.
+    built = any((Path(__file__).parent / f"_C{suffix}").exists() for suffix in EXTENSION_SUFFIXES)
+    _ERROR = exc if built else ImportError("the extension is not built (no perturbdiff/_C*.so in the package)")
     warnings.warn(
-        f"perturbdiff._C is not available ({exc}); the compiled CPU/CUDA kernels are disabled and "
+        f"perturbdiff._C is not available ({_ERROR}); the compiled CPU/CUDA kernels are disabled and "
         "the pure-torch backend is used. Reinstall with `pip install --no-build-isolation .` to build it.",
         RuntimeWarning,
         stacklevel=2,

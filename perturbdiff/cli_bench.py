@@ -12,7 +12,8 @@ HELP = (
     "installed: median time, GFLOP/s, ratio to the roof, peak extra memory and error against fp64. "
     "Writes bench.json, bench.md and log-log plots to --out. --quick runs tiny shapes in seconds "
     "(without torch.compile, whose compilation alone takes ~20 s per shape). --gpu-validate builds the "
-    "CUDA extension, runs the CUDA and Triton tests and the GPU benchmark on an NVIDIA machine."
+    "CUDA extension, runs the test suite (CUDA and Triton tests included) and the GPU benchmark on an "
+    "NVIDIA machine."
 )
 _MARKER_FILES = ("bench.json", "gpu_validation.json")  # what makes a folder ours to replace
 
@@ -34,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall-clock budget in seconds: no case starts after it and a case still running is "
                              "stopped (both reported as not run)")
     parser.add_argument("--gpu-validate", action="store_true",
-                        help="on an NVIDIA GPU machine: build the CUDA extension, run the CUDA/Triton tests and "
-                             "the GPU benchmark (tf32 and bf16 roofs) into --out; exits non-zero without a GPU")
+                        help="on an NVIDIA GPU machine: build the CUDA extension, run the test suite and the GPU "
+                             "benchmark (tf32 and bf16 roofs) into --out within --time-limit (default 570 s); "
+                             "exits non-zero without a GPU")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = _checked_out_dir(args.out)
     if args.gpu_validate:
-        return gpu.validate(out, quick=args.quick)
+        return gpu.validate(out, quick=args.quick, time_limit=args.time_limit)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
     if args.threads is not None and args.threads < 1:

@@ -196,3 +196,22 @@ def test_torchrun_two_processes_train_and_shut_down_cleanly(store, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any(run_dir.rglob("*.pt")), sorted(p.name for p in run_dir.rglob("*"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_training_and_prediction_on_gpu(store, tmp_path, bf16):
+    """A few steps on the GPU with the loss through the GPU kernels, a checkpoint, and a resume."""
+    from perturbdiff.ops import api
+
+    args = small(store, tmp_path / "g", "run.device=cuda", f"train.bf16={str(bf16).lower()}",
+                 "train.checkpoint_every=3")
+    run = train("cpu-small", args + ["train.max_steps=3"])
+    assert api.last_backend() in ("triton", "cuda")
+    run = train("cpu-small", args + ["train.max_steps=6"])
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 6
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    with open(run / "loss.csv") as fh:
+        losses = [float(r["loss"]) for r in csv.DictReader(fh)]
+    assert len(losses) == 6 and np.isfinite(losses).all()

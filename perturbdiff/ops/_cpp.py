@@ -110,7 +110,9 @@ def _register_backends() -> None:
     if _extension.has_kernel("pairwise_mmd", "CPU") and _extension.has_kernel("kme", "CPU"):
         _backends.register(_backends.Backend("cpu", "cpu", ops, dtypes=_FLOAT_TYPES, priority=10))
     if _extension.has_kernel("pairwise_mmd", "CUDA") and _extension.has_kernel("kme", "CUDA"):
-        _backends.register(_backends.Backend("cuda", "cuda", ops, dtypes=_FLOAT_TYPES, priority=5))
+        # Above triton (20) for fp32/fp64: on an H200 (BENCHMARKS.md, GPU) cuBLAS Grams + this epilogue
+        # ran the energy loss 2.2-9.3x faster than the Triton kernels; triton keeps fp16/bf16.
+        _backends.register(_backends.Backend("cuda", "cuda", ops, dtypes=_FLOAT_TYPES, priority=30))
 
 
 if _extension.has_extension():

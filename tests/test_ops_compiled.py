@@ -1,4 +1,5 @@
-"""The compiled CPU backend (perturbdiff._C) against the fp64 pure-torch reference."""
+"""The compiled backends (perturbdiff._C: CPU, and CUDA where a GPU and a CUDA build are present)
+against the fp64 pure-torch reference. The backend's name is also the device its tensors live on."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import perturbdiff
+from perturbdiff._extension import has_kernel
 from perturbdiff.ops import _cpp, api, energy_distance, kme, mmd, reference
 
 pytestmark = pytest.mark.skipif(not perturbdiff.has_extension(),
@@ -20,6 +22,8 @@ pytestmark = pytest.mark.skipif(not perturbdiff.has_extension(),
 KERNELS = ("rbf", "laplacian", "imq", "energy")
 ESTIMATORS = ("biased", "unbiased")
 ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ["cpu"] + (["cuda"] if torch.cuda.is_available() and has_kernel("pairwise_mmd", "CUDA") else [])
+each_backend = pytest.mark.parametrize("backend", COMPILED)
 
 
 def block_terms(x, y, xw, yw, kernel, bandwidths, estimator):
@@ -67,37 +71,41 @@ def problems(draw, max_cells=200, max_genes=300):
     return x, y, xw, yw, kernel, [b * scale for b in bandwidths], estimator
 
 
+@each_backend
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
-def test_forward_matches_fp64_reference(problem):
+def test_forward_matches_fp64_reference(backend, problem):
     x, y, xw, yw, kernel, bandwidths, estimator = problem
     ref, terms = block_terms(x, y, xw, yw, kernel, bandwidths, estimator)
-    out = mmd(x.float(), y.float(), kernel, bandwidths, estimator, xw.float(), yw.float(), backend="cpu")
-    assert api.last_backend() == "cpu"
+    x, y, xw, yw = (t.to(backend) for t in (x, y, xw, yw))
+    out = mmd(x.float(), y.float(), kernel, bandwidths, estimator, xw.float(), yw.float(), backend=backend).cpu()
+    assert api.last_backend() == backend
     scale = terms.abs().amax(1)
     assert ((out.double() - ref).abs() <= 1e-5 * scale + 1e-12).all(), (out, ref, scale)
-    out64 = mmd(x, y, kernel, bandwidths, estimator, xw, yw, backend="cpu")
+    out64 = mmd(x, y, kernel, bandwidths, estimator, xw, yw, backend=backend).cpu()
     assert ((out64 - ref).abs() <= 1e-12 * scale + 1e-15).all(), (out64, ref)
 
 
+@each_backend
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_cells=120, max_genes=200))
-def test_gradients_match_fp64_reference(problem):
+def test_gradients_match_fp64_reference(backend, problem):
     x, y, xw, yw, kernel, bandwidths, estimator = problem
     upstream = torch.linspace(-1.0, 2.0, x.shape[0], dtype=torch.float64)
     xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
     (mmd(xd, yd, kernel, bandwidths, estimator, xw, yw, backend="torch") * upstream).sum().backward()
-    xf, yf = x.float().requires_grad_(), y.float().requires_grad_()
-    (mmd(xf, yf, kernel, bandwidths, estimator, xw.float(), yw.float(), backend="cpu")
-     * upstream.float()).sum().backward()
+    xf, yf = x.float().to(backend).requires_grad_(), y.float().to(backend).requires_grad_()
+    (mmd(xf, yf, kernel, bandwidths, estimator, xw.float().to(backend), yw.float().to(backend), backend=backend)
+     * upstream.float().to(backend)).sum().backward()
     for got, want in ((xf.grad, xd.grad), (yf.grad, yd.grad)):
-        err = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
+        err = (got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)
         assert err <= 1e-4, err
 
 
+@each_backend
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", [(300, 520, 40), (300, 270, 700)], ids=["recompute", "saved"])
-def test_several_tiles_forward_and_backward(kernel, shape):
+def test_several_tiles_forward_and_backward(backend, kernel, shape):
     """Sets larger than one tile (256 rows), both backward paths (saved matrix when N <= genes)."""
     n, m, G = shape
     gen = torch.Generator().manual_seed(1)
@@ -108,13 +116,13 @@ def test_several_tiles_forward_and_backward(kernel, shape):
         xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
         ref = mmd(xd, yd, kernel, bw, estimator, backend="torch")
         ref.sum().backward()
-        xf, yf = x.float().requires_grad_(), y.float().requires_grad_()
-        out = mmd(xf, yf, kernel, bw, estimator, backend="cpu")
+        xf, yf = x.float().to(backend).requires_grad_(), y.float().to(backend).requires_grad_()
+        out = mmd(xf, yf, kernel, bw, estimator, backend=backend)
         out.sum().backward()
         _, terms = block_terms(x, y, torch.ones(2, n), torch.ones(2, m), kernel, bw, estimator)
-        assert ((out.double() - ref).abs() <= 1e-5 * terms.abs().amax(1)).all()
+        assert ((out.double().cpu() - ref).abs() <= 1e-5 * terms.abs().amax(1)).all()
         for got, want in ((xf.grad, xd.grad), (yf.grad, yd.grad)):
-            assert (got.double() - want).norm() / want.norm() <= 1e-4
+            assert (got.double().cpu() - want).norm() / want.norm() <= 1e-4
 
 
 def test_backward_saves_the_derivative_matrix_only_when_small():
@@ -140,10 +148,11 @@ def test_backward_saves_the_derivative_matrix_only_when_small():
     assert calls == [True, False, False]  # N = 11 <= 20 genes; 11 > 3 genes; no gradient wanted
 
 
+@each_backend
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3), st.integers(1, 300), st.integers(1, 280), st.integers(0, 200),
        st.sampled_from(KERNELS), st.integers(0, 2**31 - 1))
-def test_kme_forward_and_backward(B, n, Q, extra_genes, kernel, seed):
+def test_kme_forward_and_backward(backend, B, n, Q, extra_genes, kernel, seed):
     G = min_genes(kernel) + extra_genes
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, n, G, generator=gen, dtype=torch.float64) + 20
@@ -154,19 +163,20 @@ def test_kme_forward_and_backward(B, n, Q, extra_genes, kernel, seed):
     xd, zd = x.clone().requires_grad_(), z.clone().requires_grad_()
     ref = kme(xd, zd, kernel, bw, w, backend="torch")
     (ref * upstream).sum().backward()
-    xf, zf = x.float().requires_grad_(), z.float().requires_grad_()
-    out = kme(xf, zf, kernel, bw, w.float(), backend="cpu")
-    (out * upstream.float()).sum().backward()
+    xf, zf = x.float().to(backend).requires_grad_(), z.float().to(backend).requires_grad_()
+    out = kme(xf, zf, kernel, bw, w.float().to(backend), backend=backend)
+    (out * upstream.float().to(backend)).sum().backward()
     # kme values are means of kernel values: scale of the largest term is max |k| <= |ref| + spread
     scale = ref.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
-    assert ((out.double() - ref).abs() <= 1e-5 * scale).all()
+    assert ((out.double().cpu() - ref).abs() <= 1e-5 * scale).all()
     for got, want in ((xf.grad, xd.grad), (zf.grad, zd.grad)):
-        assert (got.double() - want).norm() / want.norm().clamp_min(1e-30) <= 1e-4
+        assert (got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30) <= 1e-4
 
 
+@each_backend
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", [(3, 4, 9), (5, 4, 3)], ids=["saved", "recompute"])
-def test_gradcheck_fp64_with_duplicate_points(kernel, shape):
+def test_gradcheck_fp64_with_duplicate_points(backend, kernel, shape):
     n, m, G = shape
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(1, n, G, generator=gen, dtype=torch.float64)
@@ -174,66 +184,72 @@ def test_gradcheck_fp64_with_duplicate_points(kernel, shape):
     x[:, 1] = x[:, 0]
     y[:, 2] = x[:, 0]
     w = torch.rand(1, m, generator=gen, dtype=torch.float64) + 0.5
+    z = torch.randn(1, 4, G, generator=gen, dtype=torch.float64)
+    z[:, 0] = x[:, 0]
+    x, y, w, z = (t.to(backend) for t in (x, y, w, z))
     x.requires_grad_()
     y.requires_grad_()
     for estimator in ESTIMATORS:
         assert torch.autograd.gradcheck(
-            lambda a, b: mmd(a, b, kernel, [1.5, 3.0], estimator, y_weights=w, backend="cpu"), (x, y))
-    z = torch.randn(1, 4, G, generator=gen, dtype=torch.float64)
-    z[:, 0] = x[:, 0].detach()
+            lambda a, b: mmd(a, b, kernel, [1.5, 3.0], estimator, y_weights=w, backend=backend), (x, y))
     z.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, q: kme(a, q, kernel, [2.0], backend="cpu"), (x, z))
+    assert torch.autograd.gradcheck(lambda a, q: kme(a, q, kernel, [2.0], backend=backend), (x, z))
 
 
-def _op_args(save):
+def _op_args(device="cpu"):
     gen = torch.Generator().manual_seed(4)
     x, y = torch.randn(2, 6, 10, generator=gen), torch.randn(2, 5, 10, generator=gen)
     xw, yw = torch.rand(2, 6, generator=gen) + 0.1, torch.rand(2, 5, generator=gen) + 0.1
     coef, center = api._coefficients(xw, yw, "unbiased"), api._pooled_mean(x, xw, y, yw)
-    return x, y, xw, yw, coef, center
+    return tuple(t.to(device) for t in (x, y, xw, yw, coef, center))
 
 
+@each_backend
 @pytest.mark.parametrize("kernel, save", [("rbf", False), ("energy", True)])
-def test_opcheck_pairwise_ops(kernel, save):
-    x, y, xw, yw, coef, center = _op_args(save)
+def test_opcheck_pairwise_ops(backend, kernel, save):
+    x, y, xw, yw, coef, center = _op_args(backend)
     ops = torch.ops.perturbdiff
     torch.library.opcheck(ops.pairwise_mmd.default,
                           (x.requires_grad_(), y, xw, yw, coef, center, kernel, [1.0, 2.0], True, save))
     _, saved = ops.pairwise_mmd(x.detach(), y, xw, yw, coef, center, kernel, [1.0, 2.0], True, save)
     torch.library.opcheck(ops.pairwise_mmd_backward.default,
-                          (torch.randn(2), x.detach(), y, xw, yw, coef, center, kernel, [1.0, 2.0], True,
-                           saved, True, True))
+                          (torch.randn(2, device=backend), x.detach(), y, xw, yw, coef, center, kernel,
+                           [1.0, 2.0], True, saved, True, True))
 
 
-def test_opcheck_kme_ops():
-    x, _, xw, _, _, center = _op_args(False)
-    z = torch.randn(2, 7, 10)
+@each_backend
+def test_opcheck_kme_ops(backend):
+    x, _, xw, _, _, center = _op_args(backend)
+    z = torch.randn(2, 7, 10, device=backend)
     ops = torch.ops.perturbdiff
     torch.library.opcheck(ops.kme.default, (x.requires_grad_(), xw, z.requires_grad_(), center, "imq", [1.0]))
     torch.library.opcheck(ops.kme_backward.default,
-                          (torch.randn(2, 7), x.detach(), xw, z.detach(), center, "imq", [1.0], True, False))
+                          (torch.randn(2, 7, device=backend), x.detach(), xw, z.detach(), center, "imq", [1.0],
+                           True, False))
 
 
-def test_compile_fullgraph_energy_distance():
+@each_backend
+def test_compile_fullgraph_energy_distance(backend):
     torch._dynamo.reset()
-    fn = torch.compile(lambda a, b: energy_distance(a, b, backend="cpu"), fullgraph=True, backend="aot_eager")
-    x, y = torch.randn(2, 20, 30, requires_grad=True), torch.randn(2, 25, 30)
+    fn = torch.compile(lambda a, b: energy_distance(a, b, backend=backend), fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(2, 20, 30, device=backend, requires_grad=True), torch.randn(2, 25, 30, device=backend)
     out = fn(x, y)
     out.sum().backward()
     x2 = x.detach().clone().requires_grad_()
-    ref = energy_distance(x2, y, backend="cpu")
+    ref = energy_distance(x2, y, backend=backend)
     ref.sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x2.grad)
 
 
-def test_bitwise_deterministic():
+@each_backend
+def test_bitwise_deterministic(backend):
     gen = torch.Generator().manual_seed(5)
-    x, y = torch.rand(3, 400, 300, generator=gen), torch.rand(3, 350, 300, generator=gen)
+    x, y = (torch.rand(3, n, 300, generator=gen).to(backend) for n in (400, 350))
 
     def run():
         xr = x.clone().requires_grad_()
-        v = mmd(xr, y, "rbf", [5.0, 10.0], backend="cpu")
+        v = mmd(xr, y, "rbf", [5.0, 10.0], backend=backend)
         v.sum().backward()
         return v, xr.grad
 
@@ -241,14 +257,15 @@ def test_bitwise_deterministic():
     assert torch.equal(v1, v2) and torch.equal(g1, g2)
 
 
-def test_non_contiguous_inputs_match_contiguous():
-    base = torch.randn(4, 30, 70, dtype=torch.float64)
+@each_backend
+def test_non_contiguous_inputs_match_contiguous(backend):
+    base = torch.randn(4, 30, 70, dtype=torch.float64, device=backend)
     x = base[::2, :, ::2]  # strided in sets and genes
-    y = torch.randn(35, 2, 35, dtype=torch.float64).transpose(0, 1)
-    w = torch.rand(30, 2, dtype=torch.float64).t()
-    got = mmd(x, y, "laplacian", 4.0, "unbiased", x_weights=w, backend="cpu")
+    y = torch.randn(35, 2, 35, dtype=torch.float64, device=backend).transpose(0, 1)
+    w = torch.rand(30, 2, dtype=torch.float64, device=backend).t()
+    got = mmd(x, y, "laplacian", 4.0, "unbiased", x_weights=w, backend=backend)
     want = mmd(x.contiguous(), y.contiguous(), "laplacian", 4.0, "unbiased", x_weights=w.contiguous(),
-               backend="cpu")
+               backend=backend)
     # equal up to the API's weight sums, whose rounding depends on the memory layout
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(got, mmd(x, y, "laplacian", 4.0, "unbiased", x_weights=w, backend="torch"))
@@ -272,7 +289,7 @@ def test_bad_input_errors(call, match):
 
 
 def test_direct_op_argument_checks():
-    x, y, xw, yw, coef, center = _op_args(False)
+    x, y, xw, yw, coef, center = _op_args()
     op = torch.ops.perturbdiff.pairwise_mmd
     with pytest.raises(ValueError, match="unknown kernel 'gauss'"):
         op(x, y, xw, yw, coef, center, "gauss", [1.0], False, False)
@@ -284,8 +301,9 @@ def test_direct_op_argument_checks():
         op(x, y, xw.double(), yw, coef, center, "rbf", [1.0], False, False)
 
 
+@each_backend
 @pytest.mark.parametrize("loss, kernel, blur", [("energy", "energy", 0.05), ("gaussian", "rbf", 3.0)])
-def test_parity_with_geomloss(loss, kernel, blur):
+def test_parity_with_geomloss(backend, loss, kernel, blur):
     """Same definition as geomloss (1/2 factor, V-statistic, sqrt clamp): compared in fp64, where
     neither implementation's rounding hides a difference."""
     geomloss = pytest.importorskip("geomloss")
@@ -293,11 +311,12 @@ def test_parity_with_geomloss(loss, kernel, blur):
     x = torch.rand(64, 50, generator=gen, dtype=torch.float64) * 3
     y = torch.rand(80, 50, generator=gen, dtype=torch.float64) * 3 + 0.1
     x[1] = x[0]  # a duplicate: the clamp's value enters the self terms
+    x, y = x.to(backend), y.to(backend)
     want = geomloss.SamplesLoss(loss, blur=blur, backend="tensorized")(x, y)
     if kernel == "energy":
-        got = energy_distance(x, y, "half", backend="cpu")
+        got = energy_distance(x, y, "half", backend=backend)
     else:  # geomloss returns half the biased MMD^2
-        got = 0.5 * mmd(x, y, "rbf", blur, "biased", backend="cpu")
+        got = 0.5 * mmd(x, y, "rbf", blur, "biased", backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
