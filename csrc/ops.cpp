@@ -39,5 +39,10 @@ TORCH_LIBRARY(perturbdiff, m) {
   // evaluator's products of sparse cells. CPU only.
   m.def("csr_mm(Tensor a_ptr, Tensor a_idx, Tensor a_val, Tensor b_ptr, Tensor b_idx, Tensor b_val, int m) "
         "-> Tensor");
+  // Mean Euclidean distance over the pairs of cells within each segment offsets[s]:offsets[s + 1]
+  // (self-pairs included, as 0) and every cell's squared norm; cells are rows of [CSR part (ptr, idx,
+  // val; cols columns) | dense]. The evaluator's E|x - x'| for the e-distance. CPU only.
+  m.def("within_distance(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor offsets, int cols) "
+        "-> (Tensor, Tensor)");
   m.def("build_info() -> str", &perturbdiff::build_info);
 }

@@ -1,4 +1,5 @@
-"""perturbdiff::csr_mm and the split sparse/dense products behind the evaluator's e-distance."""
+"""perturbdiff::csr_mm, perturbdiff::within_distance and the split sparse/dense products behind the
+evaluator's e-distance."""
 
 import anndata as ad
 import numpy as np
@@ -12,7 +13,7 @@ from scipy.spatial.distance import cdist
 from perturbdiff.evaluate import evaluate
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
 from perturbdiff._extension import has_kernel
-from perturbdiff.evaluate.sparse_gram import SplitCells, dense_genes, density, split_gram
+from perturbdiff.evaluate.sparse_gram import SplitCells, dense_genes, density, split_gram, split_within
 
 pytestmark = pytest.mark.skipif(not has_kernel("csr_mm"), reason="perturbdiff._C not built")
 
@@ -119,12 +120,88 @@ def test_energy_to_control_on_split_cells_matches_cdist():
     c = SplitCells.split(ctrl, split)
     self_distance, sq = mean_pairwise_distance(c, split_gram)
     offsets = np.array([0, 3, 4, 9])
-    e = energy_to_control(SplitCells.split(cells, split), offsets, c, sq, self_distance,
-                          split_gram)
     dense, cd = cells.toarray(), ctrl.toarray()
     ref = [2 * cdist(s, cd).mean() - cdist(s, s).mean() - cdist(cd, cd).mean()
            for s in np.split(dense, offsets[1:-1])]
-    np.testing.assert_allclose(e.numpy(), ref, rtol=1e-10)
+    for within in (None, split_within):  # per-perturbation products, or all in one compiled call
+        e = energy_to_control(SplitCells.split(cells, split), offsets, c, sq, self_distance,
+                              split_gram, within)
+        np.testing.assert_allclose(e.numpy(), ref, rtol=1e-10)
+
+
+def _within(x, dense, offsets, cols=None):
+    t = lambda arr: torch.from_numpy(np.ascontiguousarray(arr))  # noqa: E731
+    return torch.ops.perturbdiff.within_distance(t(x.indptr), t(x.indices), t(x.data), dense,
+                                                 torch.as_tensor(offsets, dtype=torch.int64),
+                                                 x.shape[1] if cols is None else cols)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 60), sparse_genes=st.integers(0, 40), dense_genes_=st.integers(0, 12),
+       dens=st.floats(0, 1), cuts=st.lists(st.integers(0, 60), max_size=6), seed=st.integers(0, 2**31 - 1),
+       index_dtype=st.sampled_from([np.int32, np.int64]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_within_distance_matches_cdist(n, sparse_genes, dense_genes_, dens, cuts, seed, index_dtype, dtype):
+    """Mean distance over each segment's pairs (empty segments: NaN) and the rows' squared norms
+    of [sparse | dense] cells, against scipy's cdist on the dense matrix, in float64."""
+    rng = np.random.default_rng(seed)
+    x = _random_csr(rng, n, sparse_genes, dens, index_dtype, dtype)
+    d = rng.random((n, dense_genes_)).astype(dtype) * 3
+    offsets = np.array([0, *sorted(min(c, n) for c in cuts), n])
+    mean, sq = _within(x, torch.from_numpy(d), offsets)
+    assert mean.dtype == sq.dtype == torch.from_numpy(d).dtype
+    full = np.hstack([x.astype(np.float64).toarray(), d.astype(np.float64)])
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(sq.double().numpy(), (full ** 2).sum(1), rtol=tol, atol=tol)
+    ref = [cdist(s, s).mean() if len(s) else np.nan for s in np.split(full, offsets[1:-1])]
+    # distances from the norm expansion: fp32 loses ~sqrt(eps) of a distance that is small
+    # against the norms, the same as the dense path
+    np.testing.assert_allclose(mean.double().numpy(), ref, rtol=1e-3 if dtype == np.float32 else 1e-9,
+                               atol=1e-3 if dtype == np.float32 else 1e-9)
+
+
+def test_within_distance_unsorted_indices_and_duplicates_add_up():
+    # row 0 stores column 2 twice and column 0 after them; row 2 stores column 1 twice
+    x = sp.csr_matrix((np.array([1.0, 2.0, 3.0, 0.5, 4.0, 1.5]), np.array([2, 2, 0, 1, 1, 1]),
+                       np.array([0, 3, 4, 6])), shape=(3, 3))
+    dense = x.toarray()  # duplicates summed
+    mean, sq = _within(x, torch.zeros(3, 0, dtype=torch.float64), [0, 3])
+    np.testing.assert_allclose(sq.numpy(), (dense ** 2).sum(1), rtol=1e-15)
+    np.testing.assert_allclose(mean.numpy(), [cdist(dense, dense).mean()], rtol=1e-14)
+
+
+def test_within_distance_is_bitwise_reproducible_and_opchecked():
+    rng = np.random.default_rng(2)
+    x = _random_csr(rng, 200, 80, 0.1, np.int64)
+    d = torch.rand(200, 7, dtype=torch.float64)
+    offsets = [0, 30, 31, 120, 200]
+    a, b = _within(x, d, offsets), _within(x, d, offsets)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
+
+    t = torch.from_numpy
+    torch.library.opcheck(torch.ops.perturbdiff.within_distance.default,
+                          (t(x.indptr), t(x.indices), t(x.data), d, torch.tensor(offsets), 80))
+
+
+def test_within_distance_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    x = _random_csr(rng, 6, 5, 0.6)
+    d = torch.zeros(6, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="offsets must run from 0 to the number of cells"):
+        _within(x, d, [0, 5])
+    with pytest.raises(ValueError, match="offsets decrease at segment 1"):
+        _within(x, d, [0, 4, 2, 6])
+    with pytest.raises(ValueError, match=r"dense must be \[6, genes\]"):
+        _within(x, d[:5], [0, 6])
+    with pytest.raises(ValueError, match=r"column indices must lie in \[0, 2\)"):
+        _within(x, d, [0, 6], cols=2)
+    with pytest.raises(TypeError, match="float32 or both float64"):
+        _within(x, d.float(), [0, 6])
+    with pytest.raises(TypeError, match="offsets must be int64"):
+        t = torch.from_numpy
+        torch.ops.perturbdiff.within_distance(t(x.indptr), t(x.indices), t(x.data), d,
+                                              torch.tensor([0, 6], dtype=torch.int32), 5)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc"])

@@ -14,6 +14,8 @@
 
 #include <algorithm>
 
+#include "cpu/csr.h"
+
 namespace perturbdiff::cpu {
 namespace {
 
@@ -32,21 +34,6 @@ void product_rows(const index_t* a_ptr, const index_t* a_idx, const scalar_t* a_
   }
 }
 
-// Raises unless ptr runs from 0 to nnz without decreasing and every index lies in [0, bound).
-template <typename index_t>
-void check_csr(const char* name, const index_t* ptr, int64_t rows, const index_t* idx, int64_t nnz,
-               int64_t bound) {
-  TORCH_CHECK_VALUE(ptr[0] == 0 && ptr[rows] == nnz, "csr_mm: ", name,
-                    "'s row pointers must run from 0 to its number of stored values (", nnz, "), got ",
-                    ptr[0], " to ", ptr[rows]);
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK_VALUE(ptr[r] <= ptr[r + 1], "csr_mm: ", name, "'s row pointers decrease at row ", r);
-  const auto [lo, hi] = std::minmax_element(idx, idx + nnz);
-  TORCH_CHECK_VALUE(nnz == 0 || (*lo >= 0 && *hi < bound), "csr_mm: ", name,
-                    "'s column indices must lie in [0, ", bound, "), got [", nnz ? *lo : 0, ", ",
-                    nnz ? *hi : 0, "]");
-}
-
 at::Tensor csr_mm_cpu(const at::Tensor& a_ptr, const at::Tensor& a_idx, const at::Tensor& a_val,
                       const at::Tensor& b_ptr, const at::Tensor& b_idx, const at::Tensor& b_val, int64_t M) {
   for (const at::Tensor* t : {&a_ptr, &a_idx, &a_val, &b_ptr, &b_idx, &b_val})
@@ -55,10 +42,7 @@ at::Tensor csr_mm_cpu(const at::Tensor& a_ptr, const at::Tensor& a_idx, const at
   TORCH_CHECK_VALUE(a_idx.size(0) == a_val.size(0) && b_idx.size(0) == b_val.size(0),
                     "csr_mm: column indices and values differ in length");
   TORCH_CHECK_VALUE(M >= 0, "csr_mm: m must be >= 0, got ", M);
-  const auto index_type = a_ptr.scalar_type();
-  TORCH_CHECK_TYPE((index_type == at::kInt || index_type == at::kLong) && a_idx.scalar_type() == index_type &&
-                       b_ptr.scalar_type() == index_type && b_idx.scalar_type() == index_type,
-                   "csr_mm: row pointers and column indices must all be int32 or all int64");
+  const auto index_type = csr_index_type("csr_mm", {&a_ptr, &a_idx, &b_ptr, &b_idx});
   TORCH_CHECK_TYPE(a_val.scalar_type() == b_val.scalar_type() &&
                        (a_val.scalar_type() == at::kFloat || a_val.scalar_type() == at::kDouble),
                    "csr_mm: values must both be float32 or both float64, got ", a_val.scalar_type(), " and ",
@@ -71,8 +55,8 @@ at::Tensor csr_mm_cpu(const at::Tensor& a_ptr, const at::Tensor& a_idx, const at
   AT_DISPATCH_INDEX_TYPES(index_type, "csr_mm", [&] {
     const index_t *app = ap.data_ptr<index_t>(), *aip = ai.data_ptr<index_t>(), *bpp = bp.data_ptr<index_t>(),
                   *bip = bi.data_ptr<index_t>();
-    check_csr("A", app, N, aip, ai.size(0), K);
-    check_csr("B", bpp, K, bip, bi.size(0), M);
+    check_csr("csr_mm", "A", app, N, aip, ai.size(0), K);
+    check_csr("csr_mm", "B", bpp, K, bip, bi.size(0), M);
     AT_DISPATCH_FLOATING_TYPES(av.scalar_type(), "csr_mm", [&] {
       const scalar_t *avp = av.data_ptr<scalar_t>(), *bvp = bv.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();

@@ -42,21 +42,29 @@ def mean_pairwise_distance(x, gram=torch_gram) -> tuple[torch.Tensor, torch.Tens
     return _mean_distance(sq, sq, g), sq
 
 
+def within_distances(cells, offsets: np.ndarray, gram=torch_gram
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """E|x-x'| of each segment offsets[i]:offsets[i + 1] of ``cells`` and the rows' squared
+    norms, from each segment's own Gram matrix (``gram`` as in ``mean_pairwise_distance``)."""
+    within, sq = zip(*(mean_pairwise_distance(cells[a:b], gram)
+                       for a, b in zip(offsets[:-1], offsets[1:])))
+    return torch.stack(within), torch.cat(sq)
+
+
 def energy_to_control(cells, offsets: np.ndarray, ctrl, ctrl_sq: torch.Tensor,
-                      ctrl_self: torch.Tensor, gram=torch_gram) -> torch.Tensor:
+                      ctrl_self: torch.Tensor, gram=torch_gram, within=None) -> torch.Tensor:
     """cell-eval's e-distance 2 E|x-c| - E|x-x'| - E|c-c'| (V-statistic, Euclidean) to the
     control cells of each perturbation, perturbation i owning rows offsets[i]:offsets[i + 1]
     of ``cells``. ``ctrl_sq`` and ``ctrl_self`` are the controls' squared norms and E|c-c'|;
-    ``gram`` as in ``mean_pairwise_distance``.
+    ``gram`` as in ``mean_pairwise_distance``; ``within(cells, offsets)`` computes E|x-x'| and
+    the norms of all perturbations at once (default: ``within_distances`` through ``gram``).
 
-    Each perturbation's own Gram gives E|x-x'| and its rows' norms; one product with the
-    controls gives every cross term.
+    One product with the controls gives every cross term.
     """
-    within, sq = zip(*(mean_pairwise_distance(cells[a:b], gram)
-                       for a, b in zip(offsets[:-1], offsets[1:])))
-    to_ctrl = _mean_distance(torch.cat(sq), ctrl_sq, gram(cells, ctrl), dim=1)
+    within_d, sq = (within or (lambda c, o: within_distances(c, o, gram)))(cells, offsets)
+    to_ctrl = _mean_distance(sq, ctrl_sq, gram(cells, ctrl), dim=1)
     cross = torch.stack([c.mean() for c in to_ctrl.split(np.diff(offsets).tolist())])
-    return 2 * cross - torch.stack(within) - ctrl_self
+    return 2 * cross - within_d - ctrl_self
 
 
 def _padded(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

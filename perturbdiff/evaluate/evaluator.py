@@ -50,7 +50,7 @@ from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
 from .ranking import masked_pearson
-from .sparse_gram import SplitCells, dense_genes, density, split_gram
+from .sparse_gram import SplitCells, dense_genes, density, split_gram, split_within
 from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
                        rank_sum_test_sparse, sort_control)
 
@@ -108,7 +108,7 @@ class _Control:
         controls are split too), perturbation i owning rows offsets[i]:offsets[i + 1]."""
         if self.split is not None:
             return energy_to_control(cells, offsets, self.split, self.sq_norms,
-                                     self.self_distance, split_gram)
+                                     self.self_distance, split_gram, split_within)
         return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
 
 
@@ -121,7 +121,8 @@ def _control(x, need_de: bool, need_edist: bool, dense_genes: np.ndarray | None,
         ctrl.dense = dense_tensor(x, device, dtype)
     if need_edist and dense_genes is not None:
         ctrl.split = SplitCells.split(x, dense_genes)
-        ctrl.self_distance, ctrl.sq_norms = mean_pairwise_distance(ctrl.split, split_gram)
+        self_distance, ctrl.sq_norms = split_within(ctrl.split, [0, x.shape[0]])
+        ctrl.self_distance = self_distance[0]
     elif need_edist:
         ctrl.self_distance, ctrl.sq_norms = mean_pairwise_distance(ctrl.dense)
     if need_de:  # sparse controls are sorted by their stored values only
@@ -213,7 +214,7 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     # works densely.
     sparse_de = on_cpu64 and has_kernel("rank_sum")
     sparse_cells = ((need_edist or need_sets) and on_cpu64 and has_kernel("csr_mm")
-                    and cell_density is not None)
+                    and has_kernel("within_distance") and cell_density is not None)
     ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
     # One gene split for the context's products, from the densest side of each operand.
     split = (dense_genes(cell_density, np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))

@@ -61,13 +61,16 @@ class SplitCells:
         return SplitCells(self.sparse[rows], self.dense[rows], self.dense_genes)
 
 
+def _csr_parts(m: sp.csr_matrix, index: np.dtype) -> list[torch.Tensor]:
+    """Row pointers, column indices (both ``index``) and float64 values as tensors."""
+    return [torch.from_numpy(np.ascontiguousarray(arr, dtype=dt))
+            for arr, dt in ((m.indptr, index), (m.indices, index), (m.data, np.float64))]
+
+
 def _csr_mm(a: sp.csr_matrix, b: sp.csr_matrix) -> torch.Tensor:
     """a @ b (both CSR) as a dense tensor, through the compiled kernel."""
     index = np.promote_types(a.indices.dtype, b.indices.dtype)
-    parts = [torch.from_numpy(np.ascontiguousarray(arr, dtype=dt))
-             for m in (a, b) for arr, dt in ((m.indptr, index), (m.indices, index),
-                                             (m.data, np.float64))]
-    return torch.ops.perturbdiff.csr_mm(*parts, b.shape[1])
+    return torch.ops.perturbdiff.csr_mm(*_csr_parts(a, index), *_csr_parts(b, index), b.shape[1])
 
 
 def split_gram(x: SplitCells, y: SplitCells | None = None) -> torch.Tensor:
@@ -77,3 +80,13 @@ def split_gram(x: SplitCells, y: SplitCells | None = None) -> torch.Tensor:
     if x.dense_genes is not y.dense_genes and not np.array_equal(x.dense_genes, y.dense_genes):
         raise ValueError("split_gram: x and y are split on different genes")
     return _csr_mm(x.sparse, y.sparse.T.tocsr()).add_(x.dense @ y.dense.T)
+
+
+def split_within(x: SplitCells, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean Euclidean distance over the pairs of rows within each segment
+    offsets[i]:offsets[i + 1] of ``x`` (self-pairs included, as 0) and every row's squared norm:
+    all segments in one call of perturbdiff::within_distance, which computes each segment's Gram
+    matrix (upper triangle) and distances without handing them back."""
+    offsets = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
+    return torch.ops.perturbdiff.within_distance(*_csr_parts(x.sparse, x.sparse.indices.dtype), x.dense,
+                                                 offsets, x.shape[1])

@@ -63,6 +63,10 @@ def _register_op_meta() -> None:
     def _(a_ptr, a_idx, a_val, b_ptr, b_idx, b_val, m):
         return a_val.new_empty(a_ptr.shape[0] - 1, m)
 
+    @torch.library.register_fake("perturbdiff::within_distance")
+    def _(ptr, idx, val, dense, offsets, cols):
+        return val.new_empty(offsets.shape[0] - 1), val.new_empty(ptr.shape[0] - 1)
+
     @torch.library.register_fake("perturbdiff::kme")
     def _(x, xw, z, center, kernel, bandwidths):
         return x.new_empty(x.shape[0], z.shape[1])
