@@ -1,22 +1,27 @@
 // CPU kernel of perturbdiff::within_distance: the mean Euclidean distance over all pairs of cells
 // within each segment (a perturbation's cells), E|x - x'| of cell-eval's e-distance, and every
 // cell's squared norm. Cells are rows of [S | D]: a CSR part S [n, cols] (the evaluator's sparse
-// genes) and a dense part D [n, d] (its genes stored in most cells), so that each segment's Gram
-// matrix G = S_s S_s^T + D_s D_s^T costs one small GEMM plus scattered multiply-adds over stored
+// genes) and a dense part D [n, d] (its genes stored in most cells), so that a segment's Gram
+// matrix G = S_s S_s^T + D_s D_s^T costs small GEMMs plus scattered multiply-adds over stored
 // values only.
 //
-// Per segment, on one thread: D_s D_s^T by at::mm; a local column-major copy of S_s (counting sort,
-// rows ascending within each column); then Gustavson's product for the upper triangle only: row p
-// adds v * S[q, k] for the stored (k, v) of row p and the stored S[q, k] with q >= p, found from a
-// per-column cursor that only moves forward (rows are visited in order), so duplicate column
-// indices in a row are summed like the dense matrix's. Distances follow the norm expansion of
-// evaluate/distribution.py: D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0; each unordered
-// pair counts twice, summed in double in a fixed order (reproducible).
+// Work is split into blocks of rows of one segment, so that a few large perturbations keep every
+// thread busy too: a block's rows p gather G_pq for q >= p up to the segment's end, the dense part
+// by at::mm and the sparse part by Gustavson's product over a column-major copy of the rows the
+// block needs (small, so it stays in cache; for each stored (k, v) of row p, the stored S[q, k]
+// with q >= p, from a per-column cursor that only moves forward as p does), so only upper
+// triangles are computed and memory is O(block x segment). Squared norms come first,
+// row by row (duplicate column indices in a row add up like the dense matrix's). Distances
+// follow evaluate/distribution.py's
+// norm expansion: D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0; each unordered pair
+// counts twice; row sums in double, added per segment in row order (reproducible for any number
+// of threads).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -26,60 +31,66 @@
 namespace perturbdiff::cpu {
 namespace {
 
+constexpr int64_t kBlockRows = 128;
+
+// Per thread: the stored values of rows [r0, end) column-major (rows ascending within a column),
+// rebuilt for each block, and each column's cursor: its first entry at or after the current row.
+template <typename scalar_t>
+struct Columns {
+  std::vector<int64_t> ptr, cursor, row;
+  std::vector<scalar_t> val;
+  explicit Columns(int64_t cols) : ptr(cols + 1), cursor(cols) {}
+
+  template <typename index_t>
+  void build(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t r0, int64_t end) {
+    const int64_t cols = static_cast<int64_t>(cursor.size());
+    std::fill(ptr.begin(), ptr.end(), 0);
+    for (index_t e = rp[r0]; e < rp[end]; ++e) ++ptr[idx[e] + 1];
+    for (int64_t k = 0; k < cols; ++k) ptr[k + 1] += ptr[k];
+    row.resize(rp[end] - rp[r0]);
+    val.resize(row.size());
+    std::copy(ptr.begin(), ptr.end() - 1, cursor.begin());
+    for (int64_t p = r0; p < end; ++p)
+      for (index_t e = rp[p]; e < rp[p + 1]; ++e) {
+        const int64_t slot = cursor[idx[e]]++;
+        row[slot] = p;
+        val[slot] = v[e];
+      }
+    std::copy(ptr.begin(), ptr.end() - 1, cursor.begin());
+  }
+};
+
+// Rows p of [r0, r1) in order (c built for rows [r0, end)): acc row (p - r0) [q - r0] += v * S[q, k]
+// over the stored (k, v) of row p and q in [p, end).
 template <typename scalar_t, typename index_t>
-double segment_mean_distance(const index_t* ptr, const index_t* idx, const scalar_t* val, const at::Tensor& dense,
-                             int64_t a, int64_t b, int64_t cols, scalar_t* sq_out) {
-  const int64_t n = b - a;
-  if (n == 0) return std::nan("");
-  // Upper triangle (and diagonal) of the segment's Gram matrix, starting from the dense genes' part.
-  at::Tensor gram = dense.size(1) > 0 ? at::mm(dense.narrow(0, a, n), dense.narrow(0, a, n).t()).contiguous()
-                                      : at::zeros({n, n}, dense.options());
-  scalar_t* g = gram.data_ptr<scalar_t>();
-
-  // Column-major copy of the segment's stored values: rows (local) and values per column.
-  const index_t base = ptr[a];
-  const int64_t nnz = ptr[b] - base;
-  std::vector<int64_t> col_ptr(cols + 1, 0);
-  for (int64_t e = base; e < base + nnz; ++e) ++col_ptr[idx[e] + 1];
-  for (int64_t k = 0; k < cols; ++k) col_ptr[k + 1] += col_ptr[k];
-  std::vector<int64_t> cursor(col_ptr.begin(), col_ptr.end() - 1);
-  std::vector<int64_t> col_row(nnz);
-  std::vector<scalar_t> col_val(nnz);
-  for (int64_t p = 0; p < n; ++p) {
-    for (index_t e = ptr[a + p]; e < ptr[a + p + 1]; ++e) {
-      const int64_t slot = cursor[idx[e]]++;
-      col_row[slot] = p;
-      col_val[slot] = val[e];
-    }
-  }
-  // cursor[k]: the first entry of column k whose row is >= the current row.
-  std::copy(col_ptr.begin(), col_ptr.end() - 1, cursor.begin());
-  for (int64_t p = 0; p < n; ++p) {
-    scalar_t* row = g + p * n;
-    for (index_t e = ptr[a + p]; e < ptr[a + p + 1]; ++e) {
+void add_sparse_block(Columns<scalar_t>& c, const index_t* rp, const index_t* idx, const scalar_t* v,
+                      int64_t r0, int64_t r1, int64_t end, scalar_t* acc) {
+  const int64_t width = end - r0;
+  for (int64_t p = r0; p < r1; ++p) {
+    scalar_t* a = acc + (p - r0) * width - r0;
+    for (index_t e = rp[p]; e < rp[p + 1]; ++e) {
       const int64_t k = idx[e];
-      const int64_t end = col_ptr[k + 1];
-      int64_t q = cursor[k];
-      while (q < end && col_row[q] < p) ++q;
-      cursor[k] = q;
-      const scalar_t v = val[e];
-      for (; q < end; ++q) row[col_row[q]] += v * col_val[q];
+      int64_t j = c.cursor[k];
+      while (c.row[j] < p) ++j;  // row p itself stores column k: the loop stops there
+      c.cursor[k] = j;
+      const int64_t stop = c.ptr[k + 1];
+      for (; j < stop; ++j) a[c.row[j]] += v[e] * c.val[j];
     }
   }
-  for (int64_t p = 0; p < n; ++p) sq_out[a + p] = g[p * n + p];
+}
 
-  const scalar_t* sq = sq_out + a;
-  double total = 0.0;
-  for (int64_t p = 0; p < n; ++p) {
-    const scalar_t* row = g + p * n;
-    double acc = 0.0;
-    for (int64_t q = p + 1; q < n; ++q) {
-      const scalar_t d = scalar_t(-2) * row[q] + sq[p] + sq[q];
-      acc += std::sqrt(static_cast<double>(d > scalar_t(0) ? d : scalar_t(0)));
-    }
-    total += acc;
+// Squared norm of each row's sparse part; `scratch` [cols] holds 0 on entry and exit.
+template <typename scalar_t, typename index_t>
+scalar_t sparse_square(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t p,
+                       std::vector<scalar_t>& scratch) {
+  for (index_t e = rp[p]; e < rp[p + 1]; ++e) scratch[idx[e]] += v[e];
+  scalar_t total = 0;
+  for (index_t e = rp[p]; e < rp[p + 1]; ++e) {  // duplicates: the first one takes the sum
+    const scalar_t x = scratch[idx[e]];
+    total += x * x;
+    scratch[idx[e]] = 0;
   }
-  return 2.0 * total / (static_cast<double>(n) * static_cast<double>(n));
+  return total;
 }
 
 std::tuple<at::Tensor, at::Tensor> within_distance_cpu(const at::Tensor& ptr_, const at::Tensor& idx_,
@@ -116,13 +127,49 @@ std::tuple<at::Tensor, at::Tensor> within_distance_cpu(const at::Tensor& ptr_, c
     check_csr("within_distance", "the sparse part", pp, n, ip, idx.size(0), cols);
     AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "within_distance", [&] {
       const scalar_t* vp = val.data_ptr<scalar_t>();
-      scalar_t *mp = mean.data_ptr<scalar_t>(), *sp = sq.data_ptr<scalar_t>();
-      // One segment per task: segments own disjoint rows of sq and entries of mean.
-      at::parallel_for(0, segments, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t s = s0; s < s1; ++s)
-          mp[s] = static_cast<scalar_t>(
-              segment_mean_distance<scalar_t, index_t>(pp, ip, vp, dense, off[s], off[s + 1], cols, sp));
+      scalar_t *mp = mean.data_ptr<scalar_t>(), *sqp = sq.data_ptr<scalar_t>();
+      const bool has_dense = dense.size(1) > 0;
+      // Squared norms: the Gram diagonal.
+      const at::Tensor dense_sq = has_dense ? dense.square().sum(1) : at::zeros({n}, dense.options());
+      const scalar_t* dsq = dense_sq.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+        std::vector<scalar_t> scratch(cols, scalar_t(0));
+        for (int64_t p = r0; p < r1; ++p) sqp[p] = dsq[p] + sparse_square(pp, ip, vp, p, scratch);
       });
+      // Blocks of rows within segments.
+      std::vector<std::tuple<int64_t, int64_t, int64_t>> blocks;  // (row0, row1, segment end)
+      for (int64_t s = 0; s < segments; ++s)
+        for (int64_t r = off[s]; r < off[s + 1]; r += kBlockRows)
+          blocks.emplace_back(r, std::min(r + kBlockRows, off[s + 1]), off[s + 1]);
+      std::vector<double> row_sum(n, 0.0);
+      at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+        Columns<scalar_t> columns(cols);
+        for (int64_t b = b0; b < b1; ++b) {
+          const auto [r0, r1, end] = blocks[b];
+          const int64_t width = end - r0;  // columns q in [r0, end)
+          at::Tensor gram = has_dense ? at::mm(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width).t())
+                                            .contiguous()
+                                      : at::zeros({r1 - r0, width}, dense.options());
+          scalar_t* g = gram.data_ptr<scalar_t>();
+          columns.build(pp, ip, vp, r0, end);
+          add_sparse_block(columns, pp, ip, vp, r0, r1, end, g);
+          for (int64_t p = r0; p < r1; ++p) {
+            const scalar_t* acc = g + (p - r0) * width;
+            double total = 0.0;
+            for (int64_t q = p + 1; q < end; ++q) {
+              const scalar_t d = scalar_t(-2) * acc[q - r0] + sqp[p] + sqp[q];
+              total += std::sqrt(static_cast<double>(d > scalar_t(0) ? d : scalar_t(0)));
+            }
+            row_sum[p] = total;
+          }
+        }
+      });
+      for (int64_t s = 0; s < segments; ++s) {
+        const double pairs = static_cast<double>(off[s + 1] - off[s]) * static_cast<double>(off[s + 1] - off[s]);
+        double total = 0.0;
+        for (int64_t p = off[s]; p < off[s + 1]; ++p) total += row_sum[p];
+        mp[s] = static_cast<scalar_t>(pairs > 0 ? 2.0 * total / pairs : std::nan(""));
+      }
     });
   });
   return {mean, sq};
