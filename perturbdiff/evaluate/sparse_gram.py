@@ -13,6 +13,7 @@ equal the dense product's to rounding (float64).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -60,6 +61,12 @@ class SplitCells:
     def __getitem__(self, rows: slice) -> "SplitCells":
         return SplitCells(self.sparse[rows], self.dense[rows], self.dense_genes)
 
+    @cached_property
+    def sparse_t(self) -> sp.csr_matrix:
+        """The sparse part transposed, as CSR: the right operand of products (kept: the controls
+        meet every block of a context)."""
+        return self.sparse.T.tocsr()
+
 
 def _csr_parts(m: sp.csr_matrix, index: np.dtype) -> list[torch.Tensor]:
     """Row pointers, column indices (both ``index``) and float64 values as tensors."""
@@ -79,7 +86,7 @@ def split_gram(x: SplitCells, y: SplitCells | None = None) -> torch.Tensor:
     y = x if y is None else y
     if x.dense_genes is not y.dense_genes and not np.array_equal(x.dense_genes, y.dense_genes):
         raise ValueError("split_gram: x and y are split on different genes")
-    return _csr_mm(x.sparse, y.sparse.T.tocsr()).add_(x.dense @ y.dense.T)
+    return _csr_mm(x.sparse, y.sparse_t).add_(x.dense @ y.dense.T)
 
 
 def split_within(x: SplitCells, offsets) -> tuple[torch.Tensor, torch.Tensor]:
