@@ -30,15 +30,16 @@ ROUNDS = 5
 
 
 def pairwise_backends() -> list[str]:
-    """Timed backends on this machine: Triton on a CPU tensor is the interpreter, never timed."""
-    on_gpu = torch.cuda.is_available()
-    return [b for b in ops.available_backends() if b != "triton" or on_gpu]
+    """Timed backends: those that run on the benchmark device; Triton on a CPU tensor is the
+    interpreter, never timed."""
+    dev = _device()
+    return [b for b in ops.available_backends(dev) if b != "triton" or dev.type == "cuda"]
 
 
 def rff_backends() -> list[str]:
     from perturbdiff.ops import rff
 
-    return [b for b in rff.available_rff_backends() if b != "triton-interpreter"]
+    return [b for b in rff.available_rff_backends(_device()) if b != "triton-interpreter"]
 
 
 def pytest_generate_tests(metafunc):

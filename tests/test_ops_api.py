@@ -131,3 +131,16 @@ def test_non_contiguous_inputs():
     x = torch.randn(4, 7, 5, dtype=torch.float64).transpose(0, 1)[:, :3]  # [7, 3, 5] strided
     y = torch.randn(7, 6, 5, dtype=torch.float64)
     torch.testing.assert_close(ops.mmd(x, y, backend="torch"), ops.mmd(x.contiguous(), y, backend="torch"))
+
+
+def test_backends_listed_per_device():
+    """The backends that run tensors on a device, in auto's order (benchmarks and tests pick their
+    parametrisations from these)."""
+    from perturbdiff.ops import available_backends, rff
+
+    everywhere = available_backends()
+    on_cpu = available_backends("cpu")
+    assert "torch" in on_cpu and "cuda" not in on_cpu and on_cpu == [b for b in everywhere if b in on_cpu]
+    assert "cpu" not in available_backends("cuda") and "torch" in available_backends("cuda")
+    assert "cuda" not in rff.available_rff_backends("cpu") and "torch" in rff.available_rff_backends("cpu")
+    assert "cpu" not in rff.available_rff_backends("cuda") and "torch" in rff.available_rff_backends("cuda")

@@ -181,12 +181,13 @@ def _with_grad(case: Case, fwd: Callable, x, y) -> Callable:
     return run
 
 
-def _perturbdiff_backends(case: Case) -> list[str]:
+def _perturbdiff_backends(case: Case, device: torch.device) -> list[str]:
+    """The backends that run the case's op on ``device``."""
     if case.op == "rff":
         from ..ops import rff
 
-        return [b.removesuffix("-interpreter") for b in rff.available_rff_backends()]
-    return ops.available_backends()
+        return [b.removesuffix("-interpreter") for b in rff.available_rff_backends(device)]
+    return ops.available_backends(device)
 
 
 PEERS = ("torch-naive", "torch-expand", "torch-compile", "geomloss", "pykeops")
@@ -227,7 +228,7 @@ def implementations(case: Case, x, y, bws, feature_map=None, names=None) -> list
             continue
         impls.append(Impl(name, "peer", _with_grad(case, build(), x, y)))
 
-    for backend in _perturbdiff_backends(case):
+    for backend in _perturbdiff_backends(case, x.device):
         name = f"perturbdiff[{backend}]"
         if not wanted(name):
             continue

@@ -31,10 +31,15 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def available_backends() -> list[str]:
-    """Names of the backends usable in this process (built and importable)."""
+def available_backends(device=None) -> list[str]:
+    """Names of the backends usable in this process (built and importable), in ``auto``'s order;
+    with ``device``, only those that run tensors on it."""
     _load_optional()
-    return sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority)
+    names = sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority)
+    if device is None:
+        return names
+    kind = torch.device(device).type
+    return [n for n in names if _REGISTRY[n].device_type in (None, kind)]
 
 
 def resolve(backend: str, op: str, t: torch.Tensor) -> tuple[str, Callable]:

@@ -214,9 +214,17 @@ def embed_sums(x, w, center, freq, backend: str = "auto"):
     return fn(x, w, center.to(x.dtype), freq)
 
 
-def available_rff_backends() -> list[str]:
-    """Backends that can run rff_embed here (auto picks the first that supports the tensor)."""
-    return [name for name, _, _ in _CANDIDATES]
+def available_rff_backends(device=None) -> list[str]:
+    """Backends that can run rff_embed here (auto picks the first that supports the tensor); with
+    ``device``, only those that run float32 tensors on it (on a device this process cannot reach,
+    only the device-agnostic reference, "torch")."""
+    if device is None:
+        return [name for name, _, _ in _CANDIDATES]
+    try:
+        probe = torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # e.g. "cuda" on a CPU-only build
+        return ["torch"]
+    return [name for name, _, supports in _CANDIDATES if supports(probe)]
 
 
 def last_rff_backend() -> str | None:
