@@ -44,5 +44,10 @@ TORCH_LIBRARY(perturbdiff, m) {
   // val; cols columns) | dense]. The evaluator's E|x - x'| for the e-distance. CPU only.
   m.def("within_distance(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor offsets, int cols) "
         "-> (Tensor, Tensor)");
+  // A CSR matrix split by column: the columns with position[k] < 0 stay a CSR matrix (ptr, idx, val;
+  // same shape), column k >= 0 goes to column position[k] of a dense [n, dense_cols] matrix. The
+  // evaluator's split of cells into sparse and dense genes. CPU only.
+  m.def("split_columns(Tensor ptr, Tensor idx, Tensor val, Tensor position, int dense_cols) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &perturbdiff::build_info);
 }

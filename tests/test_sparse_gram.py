@@ -1,5 +1,5 @@
-"""perturbdiff::csr_mm, perturbdiff::within_distance and the split sparse/dense products behind the
-evaluator's e-distance."""
+"""perturbdiff::csr_mm, ::within_distance, ::split_columns and the split sparse/dense products
+behind the evaluator's e-distance."""
 
 import anndata as ad
 import numpy as np
@@ -229,3 +229,56 @@ def test_evaluate_sparse_and_dense_inputs_agree(shared_data, fmt):
     num = sparse.select_dtypes("number").columns
     np.testing.assert_allclose(sparse[num].to_numpy(), dense[num].to_numpy(), rtol=1e-9,
                                atol=1e-12)
+
+
+def _split_columns(x, dense_mask):
+    t = lambda arr: torch.from_numpy(np.ascontiguousarray(arr))  # noqa: E731
+    position = torch.from_numpy(np.where(dense_mask, np.cumsum(dense_mask) - 1, -1).astype(np.int64))
+    return torch.ops.perturbdiff.split_columns(t(x.indptr), t(x.indices), t(x.data), position,
+                                               int(dense_mask.sum()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), cols=st.integers(0, 30), dens=st.floats(0, 1), seed=st.integers(0, 2**31 - 1),
+       index_dtype=st.sampled_from([np.int32, np.int64]), dtype=st.sampled_from([np.float32, np.float64]))
+def test_split_columns_matches_scipy(n, cols, dens, seed, index_dtype, dtype):
+    rng = np.random.default_rng(seed)
+    x = _random_csr(rng, n, cols, dens, index_dtype, dtype)
+    mask = rng.random(cols) < 0.4
+    ptr, idx, val, dense = _split_columns(x, mask)
+    assert ptr.dtype == idx.dtype == torch.from_numpy(x.indptr).dtype and val.dtype == dense.dtype
+    sparse = sp.csr_matrix((val.numpy(), idx.numpy(), ptr.numpy()), shape=x.shape)
+    np.testing.assert_array_equal(sparse.toarray(), x.toarray() * ~mask)
+    np.testing.assert_array_equal(dense.numpy(), x.toarray()[:, mask])
+
+
+def test_split_columns_adds_duplicates_and_keeps_order():
+    # row 0 stores column 2 twice (dense) and columns 1, 0 (sparse) out of order
+    x = sp.csr_matrix((np.array([1.0, 2.0, 3.0, 4.0]), np.array([2, 1, 2, 0]), np.array([0, 4, 4])),
+                      shape=(2, 3))
+    ptr, idx, val, dense = _split_columns(x, np.array([False, False, True]))
+    assert ptr.tolist() == [0, 2, 2] and idx.tolist() == [1, 0] and val.tolist() == [2.0, 4.0]
+    assert dense.tolist() == [[4.0], [0.0]]
+
+
+def test_split_columns_opcheck():
+    from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
+
+    x = _random_csr(np.random.default_rng(1), 7, 6, 0.5, np.int64)
+    t = torch.from_numpy
+    torch.library.opcheck(torch.ops.perturbdiff.split_columns.default,
+                          (t(x.indptr), t(x.indices), t(x.data), torch.tensor([-1, 0, -1, 1, -1, -1]), 2))
+
+
+def test_split_columns_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    x = _random_csr(rng, 4, 5, 0.6)
+    t = torch.from_numpy
+    with pytest.raises(ValueError, match=r"position\[1\] = 3 is not below dense_cols \(2\)"):
+        torch.ops.perturbdiff.split_columns(t(x.indptr), t(x.indices), t(x.data),
+                                            torch.tensor([-1, 3, 0, 1, -1]), 2)
+    with pytest.raises(ValueError, match=r"column indices must lie in \[0, 3\)"):
+        torch.ops.perturbdiff.split_columns(t(x.indptr), t(x.indices), t(x.data), torch.tensor([-1, 0, -1]), 1)
+    with pytest.raises(TypeError, match="position must be int64"):
+        torch.ops.perturbdiff.split_columns(t(x.indptr), t(x.indices), t(x.data),
+                                            torch.full((5,), -1, dtype=torch.int32), 0)

@@ -214,7 +214,8 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     # works densely.
     sparse_de = on_cpu64 and has_kernel("rank_sum")
     sparse_cells = ((need_edist or need_sets) and on_cpu64 and has_kernel("csr_mm")
-                    and has_kernel("within_distance") and cell_density is not None)
+                    and has_kernel("within_distance") and has_kernel("split_columns")
+                    and cell_density is not None)
     ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
     # One gene split for the context's products, from the densest side of each operand.
     split = (dense_genes(cell_density, np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))

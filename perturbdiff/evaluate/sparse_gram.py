@@ -47,12 +47,13 @@ class SplitCells:
 
     @classmethod
     def split(cls, x: sp.spmatrix, dense: np.ndarray) -> "SplitCells":
+        """One pass of perturbdiff::split_columns over the stored values."""
         x = sp.csr_matrix(x, dtype=np.float64)
-        keep = ~dense[x.indices]
-        indptr = np.concatenate([[0], np.cumsum(keep)])[x.indptr].astype(x.indptr.dtype)
-        sparse = sp.csr_matrix((x.data[keep], x.indices[keep], indptr), shape=x.shape)
-        cols = np.flatnonzero(dense)
-        return cls(sparse, torch.from_numpy(x[:, cols].toarray()), dense)
+        position = torch.from_numpy(np.where(dense, np.cumsum(dense) - 1, -1).astype(np.int64))
+        ptr, idx, val, values = torch.ops.perturbdiff.split_columns(
+            *_csr_parts(x, x.indices.dtype), position, int(dense.sum()))
+        sparse = sp.csr_matrix((val.numpy(), idx.numpy(), ptr.numpy()), shape=x.shape)
+        return cls(sparse, values, dense)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -63,6 +63,12 @@ def _register_op_meta() -> None:
     def _(a_ptr, a_idx, a_val, b_ptr, b_idx, b_val, m):
         return a_val.new_empty(a_ptr.shape[0] - 1, m)
 
+    @torch.library.register_fake("perturbdiff::split_columns")
+    def _(ptr, idx, val, position, dense_cols):
+        kept = torch.library.get_ctx().new_dynamic_size()
+        return (torch.empty_like(ptr), idx.new_empty(kept), val.new_empty(kept),
+                val.new_empty(ptr.shape[0] - 1, dense_cols))
+
     @torch.library.register_fake("perturbdiff::within_distance")
     def _(ptr, idx, val, dense, offsets, cols):
         return val.new_empty(offsets.shape[0] - 1), val.new_empty(ptr.shape[0] - 1)
