@@ -127,3 +127,17 @@ def test_triton_kernels_ship_as_perturbdiff_kernels():
     kernels = importlib.import_module("perturbdiff.kernels")
     assert Path(kernels.__file__).resolve().parent.name == "kernels"
     assert importlib.metadata.distribution("perturbdiff").version == perturbdiff.__version__
+
+
+@needs_extension
+def test_fakes_are_skipped_for_ops_a_build_lacks():
+    """A build older than the sources (no rebuild after a pull) still imports: the newest ops'
+    fakes are not registered, and their callers (the evaluator) check has_kernel first."""
+    from perturbdiff.ops._cpp import _fake
+
+    def fn(x):
+        return x
+
+    assert _fake("no_such_op")(fn) is fn
+    with pytest.raises(RuntimeError, match="does not exist"):
+        torch.library.register_fake("perturbdiff::no_such_op")(fn)

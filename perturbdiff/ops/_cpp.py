@@ -43,41 +43,49 @@ def kme(x, xw, z, center, kernel, bandwidths):
     return torch.ops.perturbdiff.kme(x, xw, z, center, kernel, list(bandwidths))
 
 
+def _fake(op: str):
+    """``register_fake`` for ``perturbdiff::<op>`` when this build defines it: a build older than
+    the sources may lack the newest evaluator ops, and their callers check ``has_kernel`` first."""
+    if hasattr(torch.ops.perturbdiff, op):
+        return torch.library.register_fake(f"perturbdiff::{op}")
+    return lambda fn: fn
+
+
 def _register_op_meta() -> None:
-    @torch.library.register_fake("perturbdiff::pairwise_mmd")
+    @_fake("pairwise_mmd")
     def _(x, y, xw, yw, coef, center, kernel, bandwidths, exclude_diag, save_weights=False):
         B, N = x.shape[0], x.shape[1] + y.shape[1]
         return x.new_empty(B), x.new_empty((B if save_weights else 0, N, N))
 
-    @torch.library.register_fake("perturbdiff::pairwise_mmd_backward")
+    @_fake("pairwise_mmd_backward")
     def _(grad, x, y, xw, yw, coef, center, kernel, bandwidths, exclude_diag, saved, need_x, need_y):
         return (torch.empty_like(x) if need_x else x.new_empty(0),
                 torch.empty_like(y) if need_y else y.new_empty(0))
 
-    @torch.library.register_fake("perturbdiff::rank_sum")
+    @_fake("rank_sum")
     def _(col_ptr, row_idx, values, seg_start, ctrl_sorted):
         shape = (seg_start.shape[0] - 1, ctrl_sorted.shape[0])
         return ctrl_sorted.new_empty(shape), ctrl_sorted.new_empty(shape)
 
-    @torch.library.register_fake("perturbdiff::csr_mm")
+    @_fake("csr_mm")
     def _(a_ptr, a_idx, a_val, b_ptr, b_idx, b_val, m):
         return a_val.new_empty(a_ptr.shape[0] - 1, m)
 
-    @torch.library.register_fake("perturbdiff::split_columns")
+    @_fake("split_columns")
     def _(ptr, idx, val, position, dense_cols):
         kept = torch.library.get_ctx().new_dynamic_size()
         return (torch.empty_like(ptr), idx.new_empty(kept), val.new_empty(kept),
                 val.new_empty(ptr.shape[0] - 1, dense_cols))
 
-    @torch.library.register_fake("perturbdiff::within_distance")
+    @_fake("within_distance")
     def _(ptr, idx, val, dense, offsets, cols):
         return val.new_empty(offsets.shape[0] - 1), val.new_empty(ptr.shape[0] - 1)
 
-    @torch.library.register_fake("perturbdiff::kme")
+    @_fake("kme")
     def _(x, xw, z, center, kernel, bandwidths):
         return x.new_empty(x.shape[0], z.shape[1])
 
-    @torch.library.register_fake("perturbdiff::kme_backward")
+    @_fake("kme_backward")
     def _(grad, x, xw, z, center, kernel, bandwidths, need_x, need_z):
         return (torch.empty_like(x) if need_x else x.new_empty(0),
                 torch.empty_like(z) if need_z else z.new_empty(0))
