@@ -75,5 +75,6 @@ def _load_optional() -> None:
     from . import _cpp, _triton  # noqa: F401
 
 
+ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the torch reference takes
 register(Backend("torch", None, {"pairwise_mmd": reference.pairwise_mmd, "kme": reference.kme},
-                 dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64), priority=0))
+                 dtypes=ALL_FLOATS, priority=0))

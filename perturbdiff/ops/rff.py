@@ -216,15 +216,9 @@ def embed_sums(x, w, center, freq, backend: str = "auto"):
 
 def available_rff_backends(device=None) -> list[str]:
     """Backends that can run rff_embed here (auto picks the first that supports the tensor); with
-    ``device``, only those that run float32 tensors on it (on a device this process cannot reach,
-    only the device-agnostic reference, "torch")."""
-    if device is None:
-        return [name for name, _, _ in _CANDIDATES]
-    try:
-        probe = torch.empty(0, device=device)
-    except (RuntimeError, AssertionError):  # e.g. "cuda" on a CPU-only build
-        return ["torch"]
-    return [name for name, _, supports in _CANDIDATES if supports(probe)]
+    ``device``, only those that run tensors on it."""
+    kind = None if device is None else torch.device(device).type
+    return [b.name for b in _CANDIDATES if kind is None or b.device_type in (None, kind)]
 
 
 def last_rff_backend() -> str | None:
@@ -238,37 +232,41 @@ _LAST = None
 def _resolve(backend: str, x: torch.Tensor):
     cands = _CANDIDATES
     if backend == "auto":
-        for name, fn, supports in cands:
-            if name != "triton-interpreter" and supports(x):
-                return name, fn
+        for b in cands:
+            if b.name != "triton-interpreter" and b.supports(x):
+                return b.name, b.ops[_OP]
         raise RuntimeError(f"no backend computes random Fourier features for {x.dtype} tensors on {x.device}")
-    for name, fn, supports in cands:
-        if backend == name or (backend == "triton" and name == "triton-interpreter"):
-            if not supports(x):
+    for b in cands:
+        if backend == b.name or (backend == "triton" and b.name == "triton-interpreter"):
+            if not b.supports(x):
                 raise ValueError(f"backend {backend!r} does not run {x.dtype} tensors on {x.device.type}")
-            return name, fn
+            return b.name, b.ops[_OP]
     raise ValueError(f"backend {backend!r} is not available for random Fourier features here; "
-                     f"available: {[n.removesuffix('-interpreter') for n, _, _ in cands]}")
+                     f"available: {[b.name.removesuffix('-interpreter') for b in cands]}")
 
 
-def _candidates():
-    """(name, fn, supports) in auto-priority order; built once at import (constant for torch.compile)."""
+def _candidates() -> tuple:
+    """The backends of rff_embed (``_backends.Backend``: device and dtypes) in auto-priority order;
+    built once at import (constant for torch.compile)."""
+    def backend(name, device_type, fn, dtypes=(torch.float32, torch.float64)):
+        return _backends.Backend(name, device_type, {_OP: fn}, dtypes=dtypes)
+
     cands = []
     triton_fn = _triton_embed()
     on_gpu = torch.cuda.is_available()
     if triton_fn is not None and on_gpu:
-        cands.append(("triton", triton_fn, lambda t: t.is_cuda and t.dtype == torch.float32))
+        cands.append(backend("triton", "cuda", triton_fn, (torch.float32,)))
     if _extension.has_kernel("rff_embed", "CUDA"):
-        cands.append(("cuda", torch.ops.perturbdiff.rff_embed, lambda t: t.is_cuda and t.dtype in _FLOATS))
+        cands.append(backend("cuda", "cuda", torch.ops.perturbdiff.rff_embed))
     if _extension.has_kernel("rff_embed", "CPU"):
-        cands.append(("cpu", torch.ops.perturbdiff.rff_embed, lambda t: t.device.type == "cpu" and t.dtype in _FLOATS))
-    cands.append(("torch", reference_embed_sums, lambda t: True))
+        cands.append(backend("cpu", "cpu", torch.ops.perturbdiff.rff_embed))
+    cands.append(backend("torch", None, reference_embed_sums, _backends.ALL_FLOATS))
     if triton_fn is not None and not on_gpu:
-        cands.append(("triton-interpreter", triton_fn, lambda t: t.device.type == "cpu" and t.dtype == torch.float32))
+        cands.append(backend("triton-interpreter", "cpu", triton_fn, (torch.float32,)))
     return tuple(cands)
 
 
-_FLOATS = (torch.float32, torch.float64)
+_OP = "rff_embed"
 
 
 def _register_compiled_op() -> None:
