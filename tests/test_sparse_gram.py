@@ -12,10 +12,10 @@ from scipy.spatial.distance import cdist
 
 from perturbdiff.evaluate import evaluate
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
-from perturbdiff._extension import has_kernel
+from perturbdiff.evaluate import sparse_gram
 from perturbdiff.evaluate.sparse_gram import SplitCells, dense_genes, density, split_gram, split_within
 
-pytestmark = pytest.mark.skipif(not has_kernel("csr_mm"), reason="perturbdiff._C not built")
+pytestmark = pytest.mark.skipif(not sparse_gram.available(), reason="perturbdiff._C not built")
 
 
 def _random_csr(rng, rows, cols, dens, index_dtype=np.int32, dtype=np.float64):

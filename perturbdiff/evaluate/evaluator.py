@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._extension import has_kernel  # the kernels' fakes (perturbdiff.ops) are not needed here
-from . import catalog
+from . import catalog, sparse_gram
 from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
 from .distribution import (SET_DISTANCES, energy_to_control, mean_pairwise_distance,
@@ -213,8 +213,7 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     # sparse cells for the e-distance and set distances; elsewhere (and for dense inputs) torch
     # works densely.
     sparse_de = on_cpu64 and has_kernel("rank_sum")
-    sparse_cells = ((need_edist or need_sets) and on_cpu64 and has_kernel("csr_mm")
-                    and has_kernel("within_distance") and has_kernel("split_columns")
+    sparse_cells = ((need_edist or need_sets) and on_cpu64 and sparse_gram.available()
                     and cell_density is not None)
     ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
     # One gene split for the context's products, from the densest side of each operand.

@@ -19,10 +19,18 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._extension import has_kernel
+
 # One scattered multiply-add of the sparse kernel costs about this many multiply-adds of a dense
 # GEMM (2-core Zen 4, float64, 18,080 genes; the total time changes by under 10 % between 10
 # and 50). Gene g goes dense when density_x(g) density_y(g) SPARSE_COST > 1.
 SPARSE_COST = 25.0
+KERNELS = ("csr_mm", "within_distance", "split_columns")  # the compiled CPU ops this module calls
+
+
+def available() -> bool:
+    """Whether this build has every kernel of this module (an older one may lack the newest)."""
+    return all(has_kernel(op) for op in KERNELS)
 
 
 def density(x: sp.spmatrix) -> np.ndarray:
