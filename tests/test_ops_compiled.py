@@ -37,6 +37,16 @@ def block_terms(x, y, xw, yw, kernel, bandwidths, estimator):
     return sum(terms), torch.stack(terms, 1)
 
 
+def fp32_leaves(backend, *tensors):
+    """float32 copies on the backend's device that collect gradients."""
+    return [t.float().to(backend).requires_grad_() for t in tensors]
+
+
+def grad_error(got, want):
+    """Relative norm error of a gradient against the fp64 reference's."""
+    return (got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)
+
+
 def min_genes(kernel):
     """Fewest genes to draw. Laplacian and energy are not smooth at D = 0: for two distinct cells
     closer than fp32 can resolve (|D| ~ 1e-7 |z|^2, likely among hundreds of cells in 1-3 genes) the
@@ -94,11 +104,11 @@ def test_gradients_match_fp64_reference(backend, problem):
     upstream = torch.linspace(-1.0, 2.0, x.shape[0], dtype=torch.float64)
     xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
     (mmd(xd, yd, kernel, bandwidths, estimator, xw, yw, backend="torch") * upstream).sum().backward()
-    xf, yf = x.float().to(backend).requires_grad_(), y.float().to(backend).requires_grad_()
+    xf, yf = fp32_leaves(backend, x, y)
     (mmd(xf, yf, kernel, bandwidths, estimator, xw.float().to(backend), yw.float().to(backend), backend=backend)
      * upstream.float().to(backend)).sum().backward()
     for got, want in ((xf.grad, xd.grad), (yf.grad, yd.grad)):
-        err = (got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)
+        err = grad_error(got, want)
         assert err <= 1e-4, err
 
 
@@ -116,13 +126,13 @@ def test_several_tiles_forward_and_backward(backend, kernel, shape):
         xd, yd = x.clone().requires_grad_(), y.clone().requires_grad_()
         ref = mmd(xd, yd, kernel, bw, estimator, backend="torch")
         ref.sum().backward()
-        xf, yf = x.float().to(backend).requires_grad_(), y.float().to(backend).requires_grad_()
+        xf, yf = fp32_leaves(backend, x, y)
         out = mmd(xf, yf, kernel, bw, estimator, backend=backend)
         out.sum().backward()
         _, terms = block_terms(x, y, torch.ones(2, n), torch.ones(2, m), kernel, bw, estimator)
         assert ((out.double().cpu() - ref).abs() <= 1e-5 * terms.abs().amax(1)).all()
         for got, want in ((xf.grad, xd.grad), (yf.grad, yd.grad)):
-            assert (got.double().cpu() - want).norm() / want.norm() <= 1e-4
+            assert grad_error(got, want) <= 1e-4
 
 
 def test_backward_saves_the_derivative_matrix_only_when_small():
@@ -163,14 +173,14 @@ def test_kme_forward_and_backward(backend, B, n, Q, extra_genes, kernel, seed):
     xd, zd = x.clone().requires_grad_(), z.clone().requires_grad_()
     ref = kme(xd, zd, kernel, bw, w, backend="torch")
     (ref * upstream).sum().backward()
-    xf, zf = x.float().to(backend).requires_grad_(), z.float().to(backend).requires_grad_()
+    xf, zf = fp32_leaves(backend, x, z)
     out = kme(xf, zf, kernel, bw, w.float().to(backend), backend=backend)
     (out * upstream.float().to(backend)).sum().backward()
     # kme values are means of kernel values: scale of the largest term is max |k| <= |ref| + spread
     scale = ref.detach().abs().amax(1, keepdim=True).clamp_min(1e-30)
     assert ((out.double().cpu() - ref).abs() <= 1e-5 * scale).all()
     for got, want in ((xf.grad, xd.grad), (zf.grad, zd.grad)):
-        assert (got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30) <= 1e-4
+        assert grad_error(got, want) <= 1e-4
 
 
 @each_backend

@@ -2,9 +2,10 @@
 command that stays under 10 minutes (or ``--time-limit``): (1) build the CUDA extension for the
 visible GPU when the installed one has no CUDA kernels, (2) run the whole test suite, the tests
 that use the GPU (CUDA and Triton kernels, GPU training and evaluation) first, (3) run the
-side-by-side benchmark on the GPU (with the tf32 and bf16 GEMM roofs) in the time left. Each step runs in a subprocess, so steps 2 and 3 load the freshly
-built extension; logs, the test report and the benchmark land in DIR together with
-``gpu_validation.json`` / ``.md`` (step, status, seconds, log)."""
+side-by-side benchmark on the GPU (with the tf32 and bf16 GEMM roofs) in the time left. Each step
+runs in a subprocess, so steps 2 and 3 load the freshly built extension; logs, the test reports
+and the benchmark land in DIR together with ``gpu_validation.json`` / ``.md`` (step, status,
+seconds, log)."""
 
 import importlib.util
 import json
