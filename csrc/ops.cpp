@@ -31,9 +31,10 @@ TORCH_LIBRARY(perturbdiff, m) {
   m.def("kme_backward(Tensor grad, Tensor x, Tensor xw, Tensor z, Tensor center, str kernel, "
         "float[] bandwidths, bool need_x, bool need_z) -> (Tensor, Tensor)");
   // Mann-Whitney U1 and pooled tie term sum(t^3 - t) minus the control's own, [P, G] each, of the
-  // perturbations' cells (CSC over genes, rows grouped by perturbation from seg_start) against the
-  // per-gene sorted control cells [G, n_ctrl]. CPU only; the torch version is in evaluate/wilcoxon.py.
-  m.def("rank_sum(Tensor col_ptr, Tensor row_idx, Tensor values, Tensor seg_start, Tensor ctrl_sorted) "
+  // perturbations' cells (CSR with sorted unique column indices, rows grouped by perturbation from
+  // seg_start) against the per-gene sorted control cells [G, n_ctrl]. CPU only; the torch version is
+  // in evaluate/wilcoxon.py.
+  m.def("rank_sum(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor seg_start, Tensor ctrl_sorted) "
         "-> (Tensor, Tensor)");
   // The dense product A @ B of CSR matrices A [len(a_ptr) - 1, K] and B [K = len(b_ptr) - 1, m]: the
   // evaluator's products of sparse cells. CPU only.

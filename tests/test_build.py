@@ -30,7 +30,7 @@ SCHEMAS = {
     "kme_backward": "perturbdiff::kme_backward(Tensor grad, Tensor x, Tensor xw, Tensor z, Tensor center, "
                     "str kernel, float[] bandwidths, bool need_x, bool need_z) -> (Tensor, Tensor)",
     # the evaluator's CPU kernels
-    "rank_sum": "perturbdiff::rank_sum(Tensor col_ptr, Tensor row_idx, Tensor values, Tensor seg_start, "
+    "rank_sum": "perturbdiff::rank_sum(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor seg_start, "
                 "Tensor ctrl_sorted) -> (Tensor, Tensor)",
     "csr_mm": "perturbdiff::csr_mm(Tensor a_ptr, Tensor a_idx, Tensor a_val, Tensor b_ptr, Tensor b_idx, "
               "Tensor b_val, int m) -> Tensor",

@@ -68,12 +68,15 @@ def test_sparse_rank_sum_kernel_matches_torch(data, genes, sizes, n_ctrl):
     seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     u_ref, p_ref = rank_sum_test(torch.from_numpy(cells), seg, len(sizes), sorted_ctrl)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    csc = sp.csc_matrix(cells)
-    if data.draw(st.booleans()):  # explicitly stored zeros count as zeros
-        csc = sp.csc_matrix((np.append(csc.data, 0.0), (np.append(csc.tocoo().row, 0),
-                                                         np.append(csc.tocoo().col, 0))),
-                            shape=cells.shape) if (cells[0, 0] == 0) else csc
-    u, p = rank_sum_test_sparse(csc, offsets, sorted_ctrl)
+    stored = sp.csr_matrix(cells)
+    if data.draw(st.booleans()) and cells[0, 0] == 0:  # explicitly stored zeros count as zeros
+        coo = stored.tocoo()
+        stored = sp.csr_matrix((np.append(coo.data, 0.0), (np.append(coo.row, 0),
+                                                            np.append(coo.col, 0))), shape=cells.shape)
+    if data.draw(st.booleans()):  # int64 indices, any sparse format
+        stored = sp.csc_matrix(stored)
+        stored.indices, stored.indptr = stored.indices.astype(np.int64), stored.indptr.astype(np.int64)
+    u, p = rank_sum_test_sparse(stored, offsets, sorted_ctrl)
     torch.testing.assert_close(u, u_ref, rtol=0, atol=1e-9)
     torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-12)
 
@@ -83,14 +86,22 @@ def test_rank_sum_op_opcheck():
     from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
 
     rng = np.random.default_rng(0)
-    cells = sp.random(20, 7, density=0.3, format="csc", random_state=1)
+    cells = sp.random(20, 7, density=0.3, format="csr", random_state=1)
     ctrl = torch.sort(torch.from_numpy(rng.random((7, 9))), dim=1).values
-    args = (torch.from_numpy(cells.indptr.astype(np.int64)),
-            torch.from_numpy(cells.indices.astype(np.int64)), torch.from_numpy(cells.data),
-            torch.tensor([0, 5, 20]), ctrl)
-    torch.library.opcheck(torch.ops.perturbdiff.rank_sum.default, args)
-    with pytest.raises(ValueError, match="ctrl_sorted must be"):
-        torch.ops.perturbdiff.rank_sum(*args[:4], ctrl[:3])
+    for index in (np.int32, np.int64):
+        args = (torch.from_numpy(cells.indptr.astype(index)),
+                torch.from_numpy(cells.indices.astype(index)), torch.from_numpy(cells.data),
+                torch.tensor([0, 5, 20]), ctrl)
+        torch.library.opcheck(torch.ops.perturbdiff.rank_sum.default, args)
+    with pytest.raises(ValueError, match=r"column indices must lie in \[0, 3\)"):
+        torch.ops.perturbdiff.rank_sum(*args[:4], ctrl[:3])  # fewer control genes than columns
+    with pytest.raises(ValueError, match="seg_start must run from 0 to the number of cells"):
+        torch.ops.perturbdiff.rank_sum(*args[:3], torch.tensor([0, 5, 19]), ctrl)
+    unsorted = args[1].clone()
+    row = int(np.argmax(np.diff(cells.indptr) > 1))  # a row with two stored values
+    unsorted[cells.indptr[row]:cells.indptr[row] + 2] = unsorted[cells.indptr[row]:cells.indptr[row] + 2].flip(0)
+    with pytest.raises(ValueError, match=f"column indices of row {row} must be strictly increasing"):
+        torch.ops.perturbdiff.rank_sum(args[0], unsorted, *args[2:])
 
 
 def test_energy_to_control_matches_cdist():

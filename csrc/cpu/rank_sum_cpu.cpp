@@ -1,18 +1,22 @@
 // CPU kernel of perturbdiff::rank_sum: Mann-Whitney U statistics of many perturbations against one
-// control set, per gene, on sparse (CSC) perturbed cells. Semantics: rank_sum_test in
-// perturbdiff/evaluate/wilcoxon.py (the pure-torch version, used on GPU and as the oracle).
+// control set, per gene, on sparse perturbed cells (CSR, rows grouped by perturbation). Semantics:
+// rank_sum_test in perturbdiff/evaluate/wilcoxon.py (the pure-torch version, used on GPU and as the
+// oracle).
 //
 // U1 and the pooled tie term are sums over the distinct values v of a perturbation's cells:
 //   U1  += t_x(v) (#ctrl < v + #ctrl == v / 2),   tie += f(t_x + t_c) - f(t_c),   f(t) = t^3 - t,
 // so only runs of equal values matter, not their order. The zeros of a sparse column are one run
 // whose control counts are looked up once per gene; only the stored non-zeros are sorted.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <vector>
+
+#include "cpu/csr.h"
 
 namespace perturbdiff::cpu {
 namespace {
@@ -42,64 +46,104 @@ inline std::pair<int64_t, int64_t> control_counts(const double* ctrl, const doub
   return {lo - ctrl, hi - lo};
 }
 
-std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& col_ptr, const at::Tensor& row_idx,
+// U1 and tie term of one perturbation's values of one gene, `buf` (its stored non-zeros; `zeros`
+// implicit zeros), against the gene's sorted controls c[0:n_ctrl], of which lo0 are below zero and
+// tc0 equal to it. Sorts buf.
+inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zeros, const double* c,
+                                            int64_t n_ctrl, int64_t lo0, int64_t tc0) {
+  std::sort(buf.begin(), buf.end());
+  double u = 0.0, t = 0.0;
+  if (zeros > 0) {
+    u += zeros * (lo0 + 0.5 * tc0);
+    t += tie_count(zeros + tc0) - tie_count(static_cast<double>(tc0));
+  }
+  const double* from = c;
+  for (size_t i = 0; i < buf.size();) {
+    size_t j = i + 1;
+    while (j < buf.size() && buf[j] == buf[i]) ++j;
+    if (buf[i] > 0.0) from = std::max(from, c + lo0 + tc0);  // past the controls' zeros
+    const auto [lo, tc] = control_counts(c, from, n_ctrl, buf[i]);
+    from = c + lo + tc;
+    const double tx = static_cast<double>(j - i);
+    u += tx * (lo + 0.5 * tc);
+    t += tie_count(tx + tc) - tie_count(static_cast<double>(tc));
+    i = j;
+  }
+  return {u, t};
+}
+
+// Genes per tile: each thread transposes its genes tile by tile (a counting sort of every row's
+// entries in the tile), so each row is read in runs of several cache lines and the tile's values
+// (about kTileGenes / G of the stored ones) stay in cache while they are ranked.
+constexpr int64_t kTileGenes = 512;
+
+std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                                 const at::Tensor& values, const at::Tensor& seg_start,
                                                 const at::Tensor& ctrl_sorted) {
-  TORCH_CHECK_VALUE(col_ptr.dim() == 1 && row_idx.dim() == 1 && values.dim() == 1 && seg_start.dim() == 1,
-                    "rank_sum: col_ptr, row_idx, values and seg_start must be 1-d");
-  TORCH_CHECK_VALUE(ctrl_sorted.dim() == 2 && ctrl_sorted.size(0) == col_ptr.size(0) - 1,
-                    "rank_sum: ctrl_sorted must be [genes, n_ctrl] with genes = len(col_ptr) - 1, got ",
-                    ctrl_sorted.sizes(), " for ", col_ptr.size(0) - 1, " genes");
-  TORCH_CHECK_VALUE(row_idx.size(0) == values.size(0), "rank_sum: row_idx and values differ in length");
-  TORCH_CHECK_TYPE(col_ptr.scalar_type() == at::kLong && row_idx.scalar_type() == at::kLong &&
-                       seg_start.scalar_type() == at::kLong,
-                   "rank_sum: col_ptr, row_idx and seg_start must be int64");
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && col_idx.dim() == 1 && values.dim() == 1 && seg_start.dim() == 1,
+                    "rank_sum: row_ptr, col_idx, values and seg_start must be 1-d");
+  TORCH_CHECK_VALUE(ctrl_sorted.dim() == 2, "rank_sum: ctrl_sorted must be [genes, n_ctrl], got ",
+                    ctrl_sorted.sizes());
+  TORCH_CHECK_VALUE(row_ptr.size(0) >= 1, "rank_sum: row_ptr needs at least one entry");
+  TORCH_CHECK_VALUE(col_idx.size(0) == values.size(0), "rank_sum: col_idx and values differ in length");
+  TORCH_CHECK_TYPE(seg_start.scalar_type() == at::kLong, "rank_sum: seg_start must be int64");
   TORCH_CHECK_TYPE(values.scalar_type() == at::kDouble && ctrl_sorted.scalar_type() == at::kDouble,
                    "rank_sum: values and ctrl_sorted must be float64");
-  const at::Tensor cp = col_ptr.contiguous(), ri = row_idx.contiguous(), val = values.contiguous(),
+  const auto index_type = csr_index_type("rank_sum", {&row_ptr, &col_idx});
+  const at::Tensor rp_t = row_ptr.contiguous(), ci_t = col_idx.contiguous(), val = values.contiguous(),
                    ss = seg_start.contiguous(), ctrl = ctrl_sorted.contiguous();
-  const int64_t G = ctrl.size(0), n_ctrl = ctrl.size(1), P = ss.size(0) - 1;
+  const int64_t G = ctrl.size(0), n_ctrl = ctrl.size(1), P = ss.size(0) - 1, n = rp_t.size(0) - 1;
   TORCH_CHECK_VALUE(P >= 0, "rank_sum: seg_start needs at least one entry");
+  const int64_t* ssp = ss.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(ssp[0] == 0 && ssp[P] == n, "rank_sum: seg_start must run from 0 to the number of cells (",
+                    n, "), got ", ssp[0], " to ", ssp[P]);
+  for (int64_t s = 0; s < P; ++s)
+    TORCH_CHECK_VALUE(ssp[s] <= ssp[s + 1], "rank_sum: seg_start decreases at segment ", s);
   at::Tensor u1 = at::zeros({P, G}, ctrl.options()), tie = at::zeros({P, G}, ctrl.options());
-  const int64_t *cpp = cp.data_ptr<int64_t>(), *rip = ri.data_ptr<int64_t>(), *ssp = ss.data_ptr<int64_t>();
   const double *vp = val.data_ptr<double>(), *ctrl_p = ctrl.data_ptr<double>();
   double *u1p = u1.data_ptr<double>(), *tiep = tie.data_ptr<double>();
 
-  at::parallel_for(0, G, 16, [&](int64_t g0, int64_t g1) {
-    std::vector<double> buf;
-    for (int64_t g = g0; g < g1; ++g) {
-      const double* c = ctrl_p + g * n_ctrl;
-      const auto [lo0, tc0] = control_counts(c, c, n_ctrl, 0.0);
-      int64_t k = cpp[g];
-      const int64_t end = cpp[g + 1];
-      for (int64_t s = 0; s < P; ++s) {
-        buf.clear();
-        for (; k < end && rip[k] < ssp[s + 1]; ++k) {
-          if (vp[k] != 0.0) buf.push_back(vp[k]);
+  AT_DISPATCH_INDEX_TYPES(index_type, "rank_sum", [&] {
+    const index_t *rp = rp_t.data_ptr<index_t>(), *ci = ci_t.data_ptr<index_t>();
+    check_csr("rank_sum", "the cells", rp, n, ci, ci_t.size(0), G);
+    for (int64_t r = 0; r < n; ++r)  // strictly increasing: each row is walked once, tile by tile
+      for (index_t e = rp[r] + 1; e < rp[r + 1]; ++e)
+        TORCH_CHECK_VALUE(ci[e - 1] < ci[e], "rank_sum: the column indices of row ", r,
+                          " must be strictly increasing (sorted, no duplicates)");
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> start(kTileGenes + 1), row;
+      std::vector<double> value, buf;
+      std::vector<const index_t*> cursor(n);  // each row's first entry at or after the tile
+      for (int64_t r = 0; r < n; ++r)
+        cursor[r] = std::lower_bound(ci + rp[r], ci + rp[r + 1], static_cast<index_t>(begin));
+      for (int64_t g0 = begin; g0 < end; g0 += kTileGenes) {
+        const int64_t g1 = std::min(g0 + kTileGenes, end);
+        std::fill(start.begin(), start.end(), 0);
+        for (int64_t r = 0; r < n; ++r)
+          for (const index_t* e = cursor[r]; e < ci + rp[r + 1] && *e < g1; ++e) ++start[*e - g0 + 1];
+        for (int64_t k = 0; k < g1 - g0; ++k) start[k + 1] += start[k];
+        row.resize(start[g1 - g0]);
+        value.resize(row.size());
+        for (int64_t r = 0; r < n; ++r)  // rows ascending within each gene: segments are runs
+          for (; cursor[r] < ci + rp[r + 1] && *cursor[r] < g1; ++cursor[r]) {
+            const int64_t slot = start[*cursor[r] - g0]++;
+            row[slot] = r;
+            value[slot] = vp[cursor[r] - ci];
+          }
+        // start[k] now ends gene g0 + k's entries
+        for (int64_t g = g0, k = 0; g < g1; ++g) {
+          const double* c = ctrl_p + g * n_ctrl;
+          const auto [lo0, tc0] = control_counts(c, c, n_ctrl, 0.0);
+          for (int64_t s = 0; s < P; ++s) {
+            buf.clear();
+            for (; k < start[g - g0] && row[k] < ssp[s + 1]; ++k)
+              if (value[k] != 0.0) buf.push_back(value[k]);  // stored zeros join the zero run
+            const double zeros = static_cast<double>(ssp[s + 1] - ssp[s] - static_cast<int64_t>(buf.size()));
+            std::tie(u1p[s * G + g], tiep[s * G + g]) = rank_stats(buf, zeros, c, n_ctrl, lo0, tc0);
+          }
         }
-        std::sort(buf.begin(), buf.end());
-        double u = 0.0, t = 0.0;
-        const double zeros = static_cast<double>(ssp[s + 1] - ssp[s] - static_cast<int64_t>(buf.size()));
-        if (zeros > 0) {
-          u += zeros * (lo0 + 0.5 * tc0);
-          t += tie_count(zeros + tc0) - tie_count(static_cast<double>(tc0));
-        }
-        const double* from = c;
-        for (size_t i = 0; i < buf.size();) {
-          size_t j = i + 1;
-          while (j < buf.size() && buf[j] == buf[i]) ++j;
-          if (buf[i] > 0.0) from = std::max(from, c + lo0 + tc0);  // past the controls' zeros
-          const auto [lo, tc] = control_counts(c, from, n_ctrl, buf[i]);
-          from = c + lo + tc;
-          const double tx = static_cast<double>(j - i);
-          u += tx * (lo + 0.5 * tc);
-          t += tie_count(tx + tc) - tie_count(static_cast<double>(tc));
-          i = j;
-        }
-        u1p[s * G + g] = u;
-        tiep[s * G + g] = t;
       }
-    }
+    });
   });
   return {u1, tie};
 }

@@ -31,7 +31,7 @@ Design notes and deliberate differences from cell-eval 0.8.2 (values are otherwi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anndata as ad
 import numpy as np
@@ -40,7 +40,6 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .._extension import has_kernel  # the kernels' fakes (perturbdiff.ops) are not needed here
 from . import catalog, sparse_gram
 from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
@@ -52,7 +51,7 @@ from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor,
 from .ranking import masked_pearson
 from .sparse_gram import SplitCells, dense_genes, density, split_gram, split_within
 from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
-                       rank_sum_test_sparse, sort_control)
+                       rank_sum_test_sparse, sort_control, sparse_kernel_available)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8 Mi values (64 MiB in float64) per dense cell block
 
@@ -113,9 +112,14 @@ class _Control:
 
 
 def _control(x, need_de: bool, need_edist: bool, dense_genes: np.ndarray | None, device,
-             dtype) -> _Control:
+             dtype, like: _Control | None = None) -> _Control:
     """``dense_genes``: None for e-distance products on dense cells, else the gene split of
-    the sparse products."""
+    the sparse products. ``like``: the same cells prepared for the other file, reused but for
+    a different gene split."""
+    if like is not None:
+        if like.split is None or np.array_equal(like.split.dense_genes, dense_genes):
+            return like
+        return replace(like, split=SplitCells.split(x, dense_genes))
     ctrl = _Control(x)
     if (need_edist and dense_genes is None) or (need_de and not sp.issparse(x)):
         ctrl.dense = dense_tensor(x, device, dtype)
@@ -200,10 +204,10 @@ def _side(x, rows, ctrl_rows, ctrl: _Control, device, dtype) -> _Side:
 
 def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                       genes: np.ndarray, wanted: set[str], target_exclusion: str,
-                      chunk_elements: int, device, dtype, cell_density: np.ndarray | None,
-                      bar) -> pd.DataFrame:
-    """One context's metrics. ``cell_density``: the files' per-gene density (the larger of the
-    two), given when both files are sparse and a metric multiplies cells on the CPU."""
+                      chunk_elements: int, device, dtype,
+                      cell_density: tuple[np.ndarray, np.ndarray] | None, bar) -> pd.DataFrame:
+    """One context's metrics. ``cell_density``: the real and the predicted file's per-gene
+    density, given when both files are sparse and a metric multiplies cells on the CPU."""
     need_de = bool(wanted & set(catalog.DE_METRICS))
     need_edist = "pearson_edistance" in wanted
     need_sets = bool(wanted & SET_DISTANCES.keys())
@@ -212,17 +216,19 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
     # On CPU compiled kernels test sparse columns for DE (zeros as one tie run) and multiply
     # sparse cells for the e-distance and set distances; elsewhere (and for dense inputs) torch
     # works densely.
-    sparse_de = on_cpu64 and has_kernel("rank_sum")
+    sparse_de = on_cpu64 and sparse_kernel_available()
     sparse_cells = ((need_edist or need_sets) and on_cpu64 and sparse_gram.available()
                     and cell_density is not None)
     ctrl_x = real.X[groups.real_ctrl], pred.X[groups.pred_ctrl]
-    # One gene split for the context's products, from the densest side of each operand.
-    split = (dense_genes(cell_density, np.maximum(density(ctrl_x[0]), density(ctrl_x[1])))
-             if sparse_cells else None)
-    ctrl_r = _control(ctrl_x[0], need_de, need_edist, split, device, dtype)
+    split_r = split_p = None
+    if sparse_cells:  # each file's gene split for its products with its controls ...
+        split_r, split_p = (dense_genes(d, density(c)) for d, c in zip(cell_density, ctrl_x))
+        if need_sets:  # ... or one for both, when predicted cells meet real ones
+            split_r = split_p = split_r | split_p
+    ctrl_r = _control(ctrl_x[0], need_de, need_edist, split_r, device, dtype)
     # A prediction normally carries the real control cells: prepare them once.
-    ctrl_p = (ctrl_r if _same_cells(ctrl_r.x, ctrl_x[1])
-              else _control(ctrl_x[1], need_de, need_edist, split, device, dtype))
+    ctrl_p = _control(ctrl_x[1], need_de, need_edist, split_p, device, dtype,
+                      like=ctrl_r if _same_cells(ctrl_r.x, ctrl_x[1]) else None)
     r = _side(real.X, groups.real_rows, groups.real_ctrl, ctrl_r, device, dtype)
     p = _side(pred.X, groups.pred_rows, groups.pred_ctrl, ctrl_p, device, dtype)
     cols: dict[str, torch.Tensor] = dict(mean_metrics(r.means, p.means, r.ctrl_mean,
@@ -250,8 +256,8 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 pred_dense = p.dense(pred_blk, device, dtype)
                 real_cells, pred_cells = real_dense[0], pred_dense[0]
             if sparse_cells:
-                real_cells = SplitCells.split(real_blk.x, split)
-                pred_cells = SplitCells.split(pred_blk.x, split)
+                real_cells = SplitCells.split(real_blk.x, split_r)
+                pred_cells = SplitCells.split(pred_blk.x, split_p)
             out: dict[str, torch.Tensor] = {}
             if need_de:
                 fdr_r = real_blk.de_fdr(real_dense, r.ctrl.sorted, sparse_de)
@@ -309,7 +315,7 @@ def evaluate(pred: ad.AnnData | str | os.PathLike, real: ad.AnnData | str | os.P
     # The gene split of the sparse products starts from the files' densities: once, not per
     # context.
     multiplies = bool(set(metrics) & {"pearson_edistance", *SET_DISTANCES})
-    cell_density = (np.maximum(density(real_ad.X), density(pred_ad.X))
+    cell_density = ((density(real_ad.X), density(pred_ad.X))
                     if multiplies and dev.type == "cpu" and sp.issparse(real_ad.X)
                     and sp.issparse(pred_ad.X) else None)
     total = sum(len(g.perts) for g in contexts)

@@ -8,7 +8,7 @@ the control cells: they are sorted once per gene, and each perturbed cell's rank
 comes from a binary search, so U1 = sum_i (#ctrl < x_i + #ctrl == x_i / 2). The tie term
 sum(t^3 - t) of the pooled sample is the control's own term plus a correction for every
 distinct perturbed value (t = count in x + count in control). On CPU the compiled
-``perturbdiff::rank_sum`` does the same on sparse columns, the zeros of a column being one run,
+``perturbdiff::rank_sum`` does the same on sparse cells, the zeros of a column being one run,
 so its cost grows with the stored values (``rank_sum_test_sparse``).
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._extension import has_kernel
 from .ranking import run_bounds
 
 
@@ -108,6 +109,13 @@ def rank_sum_test(cells: torch.Tensor, segment: torch.Tensor, n_segments: int,
     return u1.T, _p_values(u1.T, tie.T, n1, ctrl)
 
 
+def sparse_kernel_available() -> bool:
+    """Whether this build's ``perturbdiff::rank_sum`` is the one ``rank_sum_test_sparse`` calls
+    (a build older than the sources may lack it, or take the cells column by column)."""
+    return (has_kernel("rank_sum")
+            and torch.ops.perturbdiff.rank_sum.default._schema.arguments[0].name == "row_ptr")
+
+
 def rank_sum_test_sparse(cells: sp.spmatrix | np.ndarray, seg_start: np.ndarray,
                          ctrl: SortedControl) -> tuple[torch.Tensor, torch.Tensor]:
     """``rank_sum_test`` for CPU on sparse cells through the compiled kernel: the zeros of a
@@ -116,13 +124,12 @@ def rank_sum_test_sparse(cells: sp.spmatrix | np.ndarray, seg_start: np.ndarray,
     cells: ``[n, G]``, sparse (any format) or dense, rows grouped by perturbation, perturbation i
     owning rows ``seg_start[i]:seg_start[i + 1]``.
     """
-    cells = sp.csc_matrix(cells)  # converted (no copy when it already is CSC)
-    cells.sort_indices()
-    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    cells = sp.csr_matrix(cells)  # no copy when it already is CSR
+    cells.sum_duplicates()  # sorted unique column indices (a no-op when known to be so)
     u1, tie = torch.ops.perturbdiff.rank_sum(
-        as_long(cells.indptr), as_long(cells.indices),
-        torch.from_numpy(np.ascontiguousarray(cells.data, dtype=np.float64)), as_long(seg_start),
-        ctrl.values.to(torch.float64))
+        torch.from_numpy(cells.indptr), torch.from_numpy(cells.indices),
+        torch.from_numpy(np.ascontiguousarray(cells.data, dtype=np.float64)),
+        torch.from_numpy(np.asarray(seg_start, dtype=np.int64)), ctrl.values.to(torch.float64))
     n1 = torch.from_numpy(np.diff(seg_start).astype(np.float64))
     return u1, _p_values(u1, tie, n1, ctrl)
 

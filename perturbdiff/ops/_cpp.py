@@ -63,7 +63,7 @@ def _register_op_meta() -> None:
                 torch.empty_like(y) if need_y else y.new_empty(0))
 
     @_fake("rank_sum")
-    def _(col_ptr, row_idx, values, seg_start, ctrl_sorted):
+    def _(row_ptr, col_idx, values, seg_start, ctrl_sorted):
         shape = (seg_start.shape[0] - 1, ctrl_sorted.shape[0])
         return ctrl_sorted.new_empty(shape), ctrl_sorted.new_empty(shape)
 
