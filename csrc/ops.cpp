@@ -45,6 +45,12 @@ TORCH_LIBRARY(perturbdiff, m) {
   // val; cols columns) | dense]. The evaluator's E|x - x'| for the e-distance. CPU only.
   m.def("within_distance(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor offsets, int cols) "
         "-> (Tensor, Tensor)");
+  // Each cell's mean Euclidean distance to the cells of a reference set; cells are rows of [CSR part
+  // (ptr, idx, val) | dense] with squared norms sq, the reference is given by its sparse part
+  // transposed (CSR ref_ptr, ref_idx, ref_val: [len(ref_ptr) - 1 genes, m]), its dense part [m, d] and
+  // squared norms [m]. The evaluator's E|x - c| to the control cells for the e-distance. CPU only.
+  m.def("distance_to(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor sq, Tensor ref_ptr, "
+        "Tensor ref_idx, Tensor ref_val, Tensor ref_dense, Tensor ref_sq) -> Tensor");
   // A CSR matrix split by column: the columns with position[k] < 0 stay a CSR matrix (ptr, idx, val;
   // same shape), column k >= 0 goes to column position[k] of a dense [n, dense_cols] matrix. The
   // evaluator's split of cells into sparse and dense genes. CPU only.

@@ -1,5 +1,7 @@
-"""perturbdiff::csr_mm, ::within_distance, ::split_columns and the split sparse/dense products
-behind the evaluator's e-distance."""
+"""perturbdiff::csr_mm, ::within_distance, ::distance_to, ::split_columns and the split
+sparse/dense products behind the evaluator's e-distance."""
+
+import functools
 
 import anndata as ad
 import numpy as np
@@ -11,9 +13,11 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 
 from perturbdiff.evaluate import evaluate
-from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
+from perturbdiff.evaluate.distribution import (energy_to_control, mean_distance_to,
+                                               mean_pairwise_distance, within_distances)
 from perturbdiff.evaluate import sparse_gram
-from perturbdiff.evaluate.sparse_gram import SplitCells, dense_genes, density, split_gram, split_within
+from perturbdiff.evaluate.sparse_gram import (SplitCells, dense_genes, density, split_distance_to,
+                                              split_gram, split_within)
 
 pytestmark = pytest.mark.skipif(not sparse_gram.available(), reason="perturbdiff._C not built")
 
@@ -123,9 +127,12 @@ def test_energy_to_control_on_split_cells_matches_cdist():
     dense, cd = cells.toarray(), ctrl.toarray()
     ref = [2 * cdist(s, cd).mean() - cdist(s, s).mean() - cdist(cd, cd).mean()
            for s in np.split(dense, offsets[1:-1])]
-    for within in (None, split_within):  # per-perturbation products, or all in one compiled call
+    # per-perturbation products through split_gram, or the compiled distance kernels
+    gram_within = functools.partial(within_distances, gram=split_gram)
+    gram_to = functools.partial(mean_distance_to, gram=split_gram)
+    for within, distance_to in ((gram_within, gram_to), (split_within, split_distance_to)):
         e = energy_to_control(SplitCells.split(cells, split), offsets, c, sq, self_distance,
-                              split_gram, within)
+                              within, distance_to)
         np.testing.assert_allclose(e.numpy(), ref, rtol=1e-10)
 
 
@@ -202,6 +209,77 @@ def test_within_distance_rejects_bad_input():
         t = torch.from_numpy
         torch.ops.perturbdiff.within_distance(t(x.indptr), t(x.indices), t(x.data), d,
                                               torch.tensor([0, 6], dtype=torch.int32), 5)
+
+
+def _distance_to(x, d, sq, ref, ref_d, ref_sq, cols=None):
+    t = lambda arr: torch.from_numpy(np.ascontiguousarray(arr))  # noqa: E731
+    ref_t = ref.T.tocsr()
+    if cols is not None:
+        ref_t = sp.csr_matrix((ref_t.data, ref_t.indices, ref_t.indptr[:cols + 1]), shape=(cols, ref.shape[0]))
+    return torch.ops.perturbdiff.distance_to(t(x.indptr), t(x.indices), t(x.data), d, sq,
+                                             t(ref_t.indptr.astype(ref.indptr.dtype)),
+                                             t(ref_t.indices.astype(ref.indptr.dtype)), t(ref_t.data),
+                                             ref_d, ref_sq)
+
+
+def _sq_norms(x, d):
+    return torch.from_numpy(np.asarray(x.multiply(x).sum(1)).ravel().astype(x.dtype)) + d.square().sum(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 150), m=st.integers(0, 40), sparse_genes=st.integers(0, 40),
+       dense_genes_=st.integers(0, 12), dens=st.floats(0, 1), seed=st.integers(0, 2**31 - 1),
+       index_dtype=st.sampled_from([np.int32, np.int64]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_distance_to_matches_cdist(n, m, sparse_genes, dense_genes_, dens, seed, index_dtype, dtype):
+    """Each cell's mean distance to a reference set (none: NaN) of [sparse | dense] cells, against
+    scipy's cdist on the dense matrices; more cells than one block of rows."""
+    rng = np.random.default_rng(seed)
+    x, ref = (_random_csr(rng, k, sparse_genes, dens, index_dtype, dtype) for k in (n, m))
+    d, ref_d = (torch.from_numpy(rng.random((k, dense_genes_)).astype(dtype) * 3) for k in (n, m))
+    out = _distance_to(x, d, _sq_norms(x, d), ref, ref_d, _sq_norms(ref, ref_d))
+    assert out.dtype == d.dtype and out.shape == (n,)
+    full, full_ref = (np.hstack([a.astype(np.float64).toarray(), b.double().numpy()])
+                      for a, b in ((x, d), (ref, ref_d)))
+    ref_mean = cdist(full, full_ref).mean(1) if m else np.full(n, np.nan)
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(out.double().numpy(), ref_mean, rtol=tol, atol=tol)
+
+
+def test_distance_to_is_bitwise_reproducible_and_opchecked():
+    rng = np.random.default_rng(4)
+    x, ref = _random_csr(rng, 300, 60, 0.1, np.int64), _random_csr(rng, 50, 60, 0.2, np.int64)
+    d, ref_d = torch.rand(300, 5, dtype=torch.float64), torch.rand(50, 5, dtype=torch.float64)
+    args = (x, d, _sq_norms(x, d), ref, ref_d, _sq_norms(ref, ref_d))
+    assert torch.equal(_distance_to(*args), _distance_to(*args))
+    from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
+
+    t = torch.from_numpy
+    ref_t = ref.T.tocsr()
+    torch.library.opcheck(torch.ops.perturbdiff.distance_to.default,
+                          (t(x.indptr), t(x.indices), t(x.data), d, args[2],
+                           t(ref_t.indptr.astype(np.int64)), t(ref_t.indices.astype(np.int64)),
+                           t(ref_t.data), ref_d, args[5]))
+
+
+def test_distance_to_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    x, ref = _random_csr(rng, 6, 5, 0.6), _random_csr(rng, 4, 5, 0.6)
+    d, ref_d = torch.zeros(6, 2, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+    sq, ref_sq = _sq_norms(x, d), _sq_norms(ref, ref_d)
+    with pytest.raises(ValueError, match=r"sq must hold one squared norm per cell \(6\)"):
+        _distance_to(x, d, sq[:5], ref, ref_d, ref_sq)
+    with pytest.raises(ValueError, match=r"ref_dense must be \[4, 2\]"):
+        _distance_to(x, d, sq, ref, ref_d[:, :1], ref_sq)
+    with pytest.raises(ValueError, match=r"dense must be \[6, genes\]"):
+        _distance_to(x, d[:5], sq, ref, ref_d, ref_sq)
+    with pytest.raises(ValueError, match=r"the cells' sparse part's column indices must lie in \[0, 3\)"):
+        _distance_to(x, d, sq, ref, ref_d, ref_sq, cols=3)
+    with pytest.raises(TypeError, match="every value tensor must be Double"):
+        _distance_to(x, d.float(), sq, ref, ref_d, ref_sq)
+    with pytest.raises(ValueError, match="different genes"):
+        cells = SplitCells.split(x, np.array([True, False, False, False, False]))
+        split_distance_to(cells, sq, SplitCells.split(ref, np.zeros(5, bool)), ref_sq)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc"])

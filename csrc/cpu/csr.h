@@ -1,9 +1,11 @@
-// CSR argument checks shared by the evaluator's sparse CPU kernels (csr_mm, within_distance).
+// What the evaluator's sparse CPU kernels (csr_mm, within_distance, distance_to, rank_sum) share:
+// CSR argument checks, Gustavson's row product and the Euclidean distances of a Gram row.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace perturbdiff::cpu {
 
@@ -29,6 +31,30 @@ inline at::ScalarType csr_index_type(const char* op, std::initializer_list<const
   for (const at::Tensor* t : indices) same = same && t->scalar_type() == type;
   TORCH_CHECK_TYPE(same, op, ": row pointers and column indices must all be int32 or all int64");
   return type;
+}
+
+// out[j] += sum_k A[r, k] B[k, j] over the stored A[r, k] (Gustavson: one scattered multiply-add per
+// stored pair; out is the dense row r of A B).
+template <typename scalar_t, typename index_t>
+void add_product_row(const index_t* a_ptr, const index_t* a_idx, const scalar_t* a_val, int64_t r,
+                     const index_t* b_ptr, const index_t* b_idx, const scalar_t* b_val, scalar_t* out) {
+  for (index_t p = a_ptr[r]; p < a_ptr[r + 1]; ++p) {
+    const scalar_t v = a_val[p];
+    const index_t k = a_idx[p];
+    for (index_t q = b_ptr[k]; q < b_ptr[k + 1]; ++q) out[b_idx[q]] += v * b_val[q];
+  }
+}
+
+// sum_q |p - q| over q < count from the Gram row gram[q] = p.q and squared norms: the norm expansion
+// max((-2 p.q + |p|^2) + |q|^2, 0) of evaluate/distribution.py, square roots summed in double.
+template <typename scalar_t>
+double distance_sum(const scalar_t* gram, scalar_t sq_p, const scalar_t* sq_q, int64_t count) {
+  double total = 0.0;
+  for (int64_t q = 0; q < count; ++q) {
+    const scalar_t d = scalar_t(-2) * gram[q] + sq_p + sq_q[q];
+    total += std::sqrt(static_cast<double>(d > scalar_t(0) ? d : scalar_t(0)));
+  }
+  return total;
 }
 
 }  // namespace perturbdiff::cpu

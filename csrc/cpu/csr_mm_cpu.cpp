@@ -19,21 +19,6 @@
 namespace perturbdiff::cpu {
 namespace {
 
-template <typename scalar_t, typename index_t>
-void product_rows(const index_t* a_ptr, const index_t* a_idx, const scalar_t* a_val, const index_t* b_ptr,
-                  const index_t* b_idx, const scalar_t* b_val, int64_t r0, int64_t r1, int64_t M,
-                  scalar_t* out) {
-  for (int64_t r = r0; r < r1; ++r) {
-    scalar_t* o = out + r * M;
-    std::fill(o, o + M, scalar_t(0));
-    for (index_t p = a_ptr[r]; p < a_ptr[r + 1]; ++p) {
-      const scalar_t v = a_val[p];
-      const index_t k = a_idx[p];
-      for (index_t q = b_ptr[k]; q < b_ptr[k + 1]; ++q) o[b_idx[q]] += v * b_val[q];
-    }
-  }
-}
-
 at::Tensor csr_mm_cpu(const at::Tensor& a_ptr, const at::Tensor& a_idx, const at::Tensor& a_val,
                       const at::Tensor& b_ptr, const at::Tensor& b_idx, const at::Tensor& b_val, int64_t M) {
   for (const at::Tensor* t : {&a_ptr, &a_idx, &a_val, &b_ptr, &b_idx, &b_val})
@@ -61,7 +46,11 @@ at::Tensor csr_mm_cpu(const at::Tensor& a_ptr, const at::Tensor& a_idx, const at
       const scalar_t *avp = av.data_ptr<scalar_t>(), *bvp = bv.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-        product_rows<scalar_t, index_t>(app, aip, avp, bpp, bip, bvp, r0, r1, M, op);
+        for (int64_t r = r0; r < r1; ++r) {
+          scalar_t* o = op + r * M;
+          std::fill(o, o + M, scalar_t(0));
+          add_product_row(app, aip, avp, r, bpp, bip, bvp, o);
+        }
       });
     });
   });

@@ -152,15 +152,8 @@ std::tuple<at::Tensor, at::Tensor> within_distance_cpu(const at::Tensor& ptr_, c
           scalar_t* g = gram.data_ptr<scalar_t>();
           columns.build(pp, ip, vp, r0, end);
           add_sparse_block(columns, pp, ip, vp, r0, r1, end, g);
-          for (int64_t p = r0; p < r1; ++p) {
-            const scalar_t* acc = g + (p - r0) * width;
-            double total = 0.0;
-            for (int64_t q = p + 1; q < end; ++q) {
-              const scalar_t d = scalar_t(-2) * acc[q - r0] + sqp[p] + sqp[q];
-              total += std::sqrt(static_cast<double>(d > scalar_t(0) ? d : scalar_t(0)));
-            }
-            row_sum[p] = total;
-          }
+          for (int64_t p = r0; p < r1; ++p)  // q > p
+            row_sum[p] = distance_sum(g + (p - r0) * width + (p + 1 - r0), sqp[p], sqp + p + 1, end - p - 1);
         }
       });
       for (int64_t s = 0; s < segments; ++s) {

@@ -51,19 +51,29 @@ def within_distances(cells, offsets: np.ndarray, gram=torch_gram
     return torch.stack(within), torch.cat(sq)
 
 
+def mean_distance_to(x, sq_x: torch.Tensor, y, sq_y: torch.Tensor, gram=torch_gram
+                     ) -> torch.Tensor:
+    """Each row of ``x``'s mean Euclidean distance to the rows of ``y``, from their squared norms
+    and one product (``gram`` as in ``mean_pairwise_distance``)."""
+    return _mean_distance(sq_x, sq_y, gram(x, y), dim=1)
+
+
 def energy_to_control(cells, offsets: np.ndarray, ctrl, ctrl_sq: torch.Tensor,
-                      ctrl_self: torch.Tensor, gram=torch_gram, within=None) -> torch.Tensor:
+                      ctrl_self: torch.Tensor, within=within_distances,
+                      distance_to=mean_distance_to) -> torch.Tensor:
     """cell-eval's e-distance 2 E|x-c| - E|x-x'| - E|c-c'| (V-statistic, Euclidean) to the
     control cells of each perturbation, perturbation i owning rows offsets[i]:offsets[i + 1]
-    of ``cells``. ``ctrl_sq`` and ``ctrl_self`` are the controls' squared norms and E|c-c'|;
-    ``gram`` as in ``mean_pairwise_distance``; ``within(cells, offsets)`` computes E|x-x'| and
-    the norms of all perturbations at once (default: ``within_distances`` through ``gram``).
-
-    One product with the controls gives every cross term.
+    of ``cells``. ``ctrl_sq`` and ``ctrl_self`` are the controls' squared norms and E|c-c'|.
+    ``within(cells, offsets)`` gives E|x-x'| per perturbation and the rows' squared norms,
+    ``distance_to(cells, sq, ctrl, ctrl_sq)`` each row's E_c|x-c|: the torch versions above for
+    dense tensors, the compiled ones (``sparse_gram.split_within``, ``split_distance_to``) for
+    ``SplitCells``.
     """
-    within_d, sq = (within or (lambda c, o: within_distances(c, o, gram)))(cells, offsets)
-    to_ctrl = _mean_distance(sq, ctrl_sq, gram(cells, ctrl), dim=1)
-    cross = torch.stack([c.mean() for c in to_ctrl.split(np.diff(offsets).tolist())])
+    within_d, sq = within(cells, offsets)
+    to_ctrl = distance_to(cells, sq, ctrl, ctrl_sq)
+    sizes = torch.from_numpy(np.diff(offsets)).to(to_ctrl.device)
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=to_ctrl.device), sizes)
+    cross = to_ctrl.new_zeros(len(sizes)).index_add_(0, segment, to_ctrl) / sizes
     return 2 * cross - within_d - ctrl_self
 
 

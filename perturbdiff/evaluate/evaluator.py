@@ -49,7 +49,8 @@ from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
 from .ranking import masked_pearson
-from .sparse_gram import SplitCells, dense_genes, density, split_gram, split_within
+from .sparse_gram import (SplitCells, dense_genes, density, split_distance_to, split_gram,
+                          split_within)
 from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
                        rank_sum_test_sparse, sort_control, sparse_kernel_available)
 
@@ -107,7 +108,7 @@ class _Control:
         controls are split too), perturbation i owning rows offsets[i]:offsets[i + 1]."""
         if self.split is not None:
             return energy_to_control(cells, offsets, self.split, self.sq_norms,
-                                     self.self_distance, split_gram, split_within)
+                                     self.self_distance, split_within, split_distance_to)
         return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
 
 

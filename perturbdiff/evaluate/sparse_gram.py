@@ -6,8 +6,9 @@ goes where it is cheaper: through perturbdiff::csr_mm (Gustavson's sparse produc
 ~ nnz_x(g) nnz_y(g) scattered multiply-adds) or, for genes stored in a large fraction of both
 sides' cells, through torch's dense GEMM on those columns (cost ~ n_x n_y multiply-adds at full
 SIMD rate). ``SplitCells`` holds cells split that way once, so that the many products of a
-context (each perturbation with itself, all of them with the controls) reuse the split. Values
-equal the dense product's to rounding (float64).
+context (each perturbation with itself, all of them with the controls) reuse the split; the
+products behind the e-distance are reduced to distances inside the kernels (``split_within``,
+``split_distance_to``). Values equal the dense product's to rounding (float64).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .._extension import has_kernel
 # GEMM (2-core Zen 4, float64, 18,080 genes; the total time changes by under 10 % between 10
 # and 50). Gene g goes dense when density_x(g) density_y(g) SPARSE_COST > 1.
 SPARSE_COST = 25.0
-KERNELS = ("csr_mm", "within_distance", "split_columns")  # the compiled CPU ops this module calls
+KERNELS = ("csr_mm", "within_distance", "distance_to", "split_columns")  # the compiled CPU ops this module calls
 DENSITY_ROWS = 2048  # cells a density is estimated from: it steers the cost only, never a value
 
 
@@ -110,3 +111,15 @@ def split_within(x: SplitCells, offsets) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
     return torch.ops.perturbdiff.within_distance(*_csr_parts(x.sparse, x.sparse.indices.dtype), x.dense,
                                                  offsets, x.shape[1])
+
+
+def split_distance_to(x: SplitCells, sq: torch.Tensor, ref: SplitCells, ref_sq: torch.Tensor
+                      ) -> torch.Tensor:
+    """Each row of ``x``'s mean Euclidean distance to the rows of ``ref`` (both split on the same
+    genes; ``sq`` and ``ref_sq`` their squared norms), in one call of perturbdiff::distance_to,
+    which reduces each block of products to distances without handing the products back."""
+    if x.dense_genes is not ref.dense_genes and not np.array_equal(x.dense_genes, ref.dense_genes):
+        raise ValueError("split_distance_to: x and ref are split on different genes")
+    index = np.promote_types(x.sparse.indices.dtype, ref.sparse_t.indices.dtype)
+    return torch.ops.perturbdiff.distance_to(*_csr_parts(x.sparse, index), x.dense, sq,
+                                             *_csr_parts(ref.sparse_t, index), ref.dense, ref_sq)

@@ -77,6 +77,10 @@ def _register_op_meta() -> None:
         return (torch.empty_like(ptr), idx.new_empty(kept), val.new_empty(kept),
                 val.new_empty(ptr.shape[0] - 1, dense_cols))
 
+    @_fake("distance_to")
+    def _(ptr, idx, val, dense, sq, ref_ptr, ref_idx, ref_val, ref_dense, ref_sq):
+        return val.new_empty(ptr.shape[0] - 1)
+
     @_fake("within_distance")
     def _(ptr, idx, val, dense, offsets, cols):
         return val.new_empty(offsets.shape[0] - 1), val.new_empty(ptr.shape[0] - 1)

@@ -1,0 +1,89 @@
+// CPU kernel of perturbdiff::distance_to: each cell's mean Euclidean distance to the cells of a
+// reference set, E_c |x - c| of cell-eval's e-distance (the reference being the control cells).
+// Cells are rows of [S | D] as in within_distance (S sparse genes as CSR, D dense genes); the
+// reference comes as its sparse part transposed (CSR [genes, m], the right operand of Gustavson's
+// product), its dense part [m, d] and its squared norms.
+//
+// Blocks of rows: a block's Gram rows against the whole reference are its dense part times the
+// reference's (at::mm) plus the sparse products (Gustavson, into the same rows), reduced at once to
+// distance sums by the norm expansion of evaluate/distribution.py; the Gram block (kBlockRows x m)
+// stays in cache and is never handed back. Row sums in double; threads own disjoint rows, so the
+// result is bitwise reproducible.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/csr.h"
+
+namespace perturbdiff::cpu {
+namespace {
+
+constexpr int64_t kBlockRows = 64;
+
+at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const at::Tensor& val_,
+                           const at::Tensor& dense_, const at::Tensor& sq_, const at::Tensor& ref_ptr_,
+                           const at::Tensor& ref_idx_, const at::Tensor& ref_val_, const at::Tensor& ref_dense_,
+                           const at::Tensor& ref_sq_) {
+  for (const at::Tensor* t : {&ptr_, &idx_, &val_, &sq_, &ref_ptr_, &ref_idx_, &ref_val_, &ref_sq_})
+    TORCH_CHECK_VALUE(t->dim() == 1, "distance_to: the CSR parts and squared norms must be 1-d, got ", t->sizes());
+  TORCH_CHECK_VALUE(ptr_.size(0) >= 1 && ref_ptr_.size(0) >= 1, "distance_to: row pointers need at least one entry");
+  TORCH_CHECK_VALUE(idx_.size(0) == val_.size(0) && ref_idx_.size(0) == ref_val_.size(0),
+                    "distance_to: column indices and values differ in length");
+  const int64_t n = ptr_.size(0) - 1, cols = ref_ptr_.size(0) - 1, m = ref_sq_.size(0);
+  TORCH_CHECK_VALUE(sq_.size(0) == n, "distance_to: sq must hold one squared norm per cell (", n, "), got ",
+                    sq_.size(0));
+  TORCH_CHECK_VALUE(dense_.dim() == 2 && dense_.size(0) == n, "distance_to: dense must be [", n,
+                    ", genes] (one row per cell), got ", dense_.sizes());
+  TORCH_CHECK_VALUE(ref_dense_.dim() == 2 && ref_dense_.size(0) == m && ref_dense_.size(1) == dense_.size(1),
+                    "distance_to: ref_dense must be [", m, ", ", dense_.size(1),
+                    "] (one row per reference cell, the cells' dense genes), got ", ref_dense_.sizes());
+  const auto type = val_.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble, "distance_to: values must be float32 or float64, got ",
+                   type);
+  for (const at::Tensor* t : {&dense_, &sq_, &ref_val_, &ref_dense_, &ref_sq_})
+    TORCH_CHECK_TYPE(t->scalar_type() == type, "distance_to: every value tensor must be ", type, ", got ",
+                     t->scalar_type());
+  const auto index_type = csr_index_type("distance_to", {&ptr_, &idx_, &ref_ptr_, &ref_idx_});
+  const at::Tensor ptr = ptr_.contiguous(), idx = idx_.contiguous(), val = val_.contiguous(),
+                   dense = dense_.contiguous(), sq = sq_.contiguous(), ref_ptr = ref_ptr_.contiguous(),
+                   ref_idx = ref_idx_.contiguous(), ref_val = ref_val_.contiguous(),
+                   ref_dense = ref_dense_.contiguous(), ref_sq = ref_sq_.contiguous();
+  at::Tensor out = at::empty({n}, val.options());
+  const bool has_dense = dense.size(1) > 0;
+
+  AT_DISPATCH_INDEX_TYPES(index_type, "distance_to", [&] {
+    const index_t *pp = ptr.data_ptr<index_t>(), *ip = idx.data_ptr<index_t>(), *rpp = ref_ptr.data_ptr<index_t>(),
+                  *rip = ref_idx.data_ptr<index_t>();
+    check_csr("distance_to", "the cells' sparse part", pp, n, ip, idx.size(0), cols);
+    check_csr("distance_to", "the reference's transposed sparse part", rpp, cols, rip, ref_idx.size(0), m);
+    AT_DISPATCH_FLOATING_TYPES(type, "distance_to", [&] {
+      const scalar_t *vp = val.data_ptr<scalar_t>(), *rvp = ref_val.data_ptr<scalar_t>(), *sqp = sq.data_ptr<scalar_t>(),
+                     *rsq = ref_sq.data_ptr<scalar_t>();
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n, kBlockRows, [&](int64_t begin, int64_t end) {
+        for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
+          const int64_t rows = std::min(kBlockRows, end - r0);
+          at::Tensor gram = has_dense ? at::mm(dense.narrow(0, r0, rows), ref_dense.t()).contiguous()
+                                      : at::zeros({rows, m}, val.options());
+          scalar_t* g = gram.data_ptr<scalar_t>();
+          for (int64_t p = r0; p < r0 + rows; ++p) {
+            scalar_t* row = g + (p - r0) * m;
+            add_product_row(pp, ip, vp, p, rpp, rip, rvp, row);
+            op[p] = static_cast<scalar_t>(m > 0 ? distance_sum(row, sqp[p], rsq, m) / static_cast<double>(m)
+                                                : std::nan(""));
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace perturbdiff::cpu
+
+TORCH_LIBRARY_IMPL(perturbdiff, CPU, m) { m.impl("distance_to", &perturbdiff::cpu::distance_to_cpu); }
