@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 
 from perturbdiff._extension import has_kernel
 from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
+from perturbdiff.evaluate.inputs import load_anndata
 from perturbdiff.evaluate.baselines import make_baseline
 from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
@@ -249,6 +250,28 @@ def test_bad_inputs_raise_clear_errors(breaker, message):
     real = _toy()
     with pytest.raises(InputError, match=message):
         evaluate(breaker(real), real, "pert", "ctrl", progress=False)
+
+
+def test_files_are_read_in_part_and_whole_when_a_key_is_missing(tmp_path):
+    real = _toy(contexts=("a", "b"))
+    real.X = sp.csr_matrix(real.X)
+    real.layers["counts"] = real.X.copy()
+    real.obsm["X_pca"] = np.zeros((real.n_obs, 3))
+    real.obs["batch"] = "b1"
+    path = tmp_path / "real.h5ad"
+    real.write_h5ad(path)
+    part = load_anndata(path, "real", ("pert", "ctx"))
+    assert list(part.obs.columns) == ["pert", "ctx"] and not part.layers and not part.obsm
+    pd.testing.assert_frame_equal(part.obs, real.obs[["pert", "ctx"]])
+    assert list(part.var_names) == list(real.var_names) and (part.X != real.X).nnz == 0
+    whole = load_anndata(path, "real", ("pert", "missing"))  # read whole: errors list every column
+    assert "batch" in whole.obs and "counts" in whole.layers
+    pd.testing.assert_frame_equal(evaluate(path, path, "pert", "ctrl", context_key="ctx",
+                                           progress=False).per_pert,
+                                  evaluate(real, real, "pert", "ctrl", context_key="ctx",
+                                           progress=False).per_pert)
+    with pytest.raises(InputError, match="'nope'"):
+        evaluate(path, path, "nope", "ctrl", progress=False)
 
 
 def test_describe_and_score():

@@ -306,8 +306,9 @@ def evaluate(pred: ad.AnnData | str | os.PathLike, real: ad.AnnData | str | os.P
     prediction carries the real controls). Returns per-perturbation metrics and aggregates.
     """
     metrics = catalog.profile_metrics(profile)
-    real_ad = load_anndata(real, "real")
-    pred_ad = load_anndata(pred, "pred")
+    keys = (pert_key,) + ((context_key,) if context_key else ())
+    real_ad = load_anndata(real, "real", keys)
+    pred_ad = load_anndata(pred, "pred", keys)
     genes = check_genes(real_ad, pred_ad)
     check_expression(real_ad, "real")
     check_expression(pred_ad, "pred")

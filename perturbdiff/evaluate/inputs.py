@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -25,13 +27,36 @@ class InputError(ValueError):
     """Bad evaluation input; the message names the file, key, gene or label at fault."""
 
 
-def load_anndata(data: ad.AnnData | str | os.PathLike, which: str) -> ad.AnnData:
+def load_anndata(data: ad.AnnData | str | os.PathLike, which: str,
+                 obs_keys: tuple[str, ...] | None = None) -> ad.AnnData:
+    """``data`` itself, or the .h5ad file it names. With ``obs_keys``, only .X, the cell and gene
+    names and those .obs columns are read (layers, .obsm and the like can be larger than .X);
+    a file missing one of them, or stored in a layout this lean read does not know, is read
+    whole, so that the usual checks report on it."""
     if isinstance(data, ad.AnnData):
         return data
     path = Path(data)
     if not path.is_file():
         raise InputError(f"{which} file not found: {path}")
+    if obs_keys is not None:
+        try:
+            return _read_parts(path, obs_keys)
+        except (KeyError, OSError, TypeError, ValueError):
+            pass
     return ad.read_h5ad(path)
+
+
+def _read_parts(path: Path, obs_keys: tuple[str, ...]) -> ad.AnnData:
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        obs, var = f["obs"], f["var"]
+        x = read_elem(f["X"])
+        index = read_elem(obs[obs.attrs["_index"]])
+        columns = {key: read_elem(obs[key]) for key in obs_keys}  # KeyError: not stored
+        genes = read_elem(var[var.attrs["_index"]])
+    return ad.AnnData(x, obs=pd.DataFrame(columns, index=pd.Index(index)),
+                      var=pd.DataFrame(index=pd.Index(genes)))
 
 
 def _stored_values(x) -> np.ndarray:
