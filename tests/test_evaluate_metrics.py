@@ -23,7 +23,8 @@ from perturbdiff.evaluate.baselines import make_baseline
 from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
 from perturbdiff.evaluate.expression import discrimination_scores, mean_metrics
-from perturbdiff.evaluate.ranking import average_precision_rows, masked_spearman, roc_auc_rows
+from perturbdiff.evaluate.ranking import (average_precision_rows, masked_average_ranks,
+                                          masked_spearman, roc_auc_rows)
 from perturbdiff.evaluate.report import write_report
 from perturbdiff.evaluate.wilcoxon import (benjamini_hochberg, log2_fold_change, rank_sum_test,
                                            rank_sum_test_sparse, sort_control)
@@ -143,6 +144,20 @@ def test_ranking_stats_match_scipy_sklearn(rows):
         assert ap == pytest.approx(average_precision_score(lab, b), abs=1e-12)
     else:
         assert math.isnan(auc) and math.isnan(ap)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from([0.0, 1.0, 2.0, np.inf, -np.inf]), st.booleans()),
+                         min_size=5, max_size=5), min_size=1, max_size=4))
+def test_masked_ranks_match_scipy_on_the_masked_entries(rows):
+    values = torch.tensor([[v for v, _ in r] for r in rows], dtype=torch.float64)
+    mask = torch.tensor([[m for _, m in r] for r in rows])
+    ranks = masked_average_ranks(values, mask).numpy()
+    for r, v, m in zip(ranks, values.numpy(), mask.numpy()):
+        np.testing.assert_array_equal(r[m], ss.rankdata(v[m]) if m.any() else [])
+        assert (r[~m] == 0).all()
+    np.testing.assert_array_equal(masked_average_ranks(values).numpy(),
+                                  ss.rankdata(values.numpy(), axis=1))
 
 
 def test_mean_metrics_by_hand():

@@ -29,13 +29,14 @@ def masked_average_ranks(values: torch.Tensor, mask: torch.Tensor | None = None)
     Entries outside the mask get rank 0. Equal values (including equal infinities) share
     the mean of their positions, as ``scipy.stats.rankdata(method="average")``.
     """
-    if mask is None:
-        mask = torch.ones_like(values, dtype=torch.bool)
     by_value = torch.sort(values, dim=-1, stable=True).indices
-    mask_by_value = mask.gather(-1, by_value)
-    # Masked entries first, each block still sorted by value.
-    order = by_value.gather(-1, torch.sort((~mask_by_value).to(torch.uint8), dim=-1,
-                                           stable=True).indices)
+    if mask is None:
+        mask, order = torch.ones_like(values, dtype=torch.bool), by_value
+    else:  # masked entries first, each block still sorted by value: a stable partition
+        inside = mask.gather(-1, by_value)
+        before = inside.sum(-1, keepdim=True)
+        slot = torch.where(inside, inside.cumsum(-1) - 1, before + (~inside).cumsum(-1) - 1)
+        order = torch.empty_like(by_value).scatter_(-1, slot, by_value)
     v = values.gather(-1, order)
     m = mask.gather(-1, order)
     new_run = torch.ones_like(m)
