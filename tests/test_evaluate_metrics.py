@@ -84,6 +84,29 @@ def test_sparse_rank_sum_kernel_matches_torch(data, genes, sizes, n_ctrl):
 
 
 @needs_sparse_kernel
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), pool=st.integers(20, 400), n_ctrl=st.integers(1, 60),
+       sizes=st.lists(st.integers(1, 700), min_size=1, max_size=3), fill=st.floats(0.05, 1.0))
+def test_sparse_rank_sum_kernel_matches_torch_on_mostly_distinct_values(seed, pool, n_ctrl, sizes,
+                                                                         fill):
+    """Values from a pool of distinct floats (negatives included, shared with the controls): groups
+    without a repeated value take the kernel's one-by-one bisection, the others its sorted runs;
+    groups of more than 512 values always sort."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0, 2, pool)
+    genes = 3
+    cells = rng.choice(values, (sum(sizes), genes)) * (rng.random((sum(sizes), genes)) < fill)
+    ctrl = rng.choice(values, (n_ctrl, genes)) * (rng.random((n_ctrl, genes)) < fill)
+    sorted_ctrl = sort_control(torch.from_numpy(ctrl))
+    seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    u_ref, p_ref = rank_sum_test(torch.from_numpy(cells), seg, len(sizes), sorted_ctrl)
+    u, p = rank_sum_test_sparse(sp.csr_matrix(cells), np.concatenate([[0], np.cumsum(sizes)]),
+                                sort_control(sp.csr_matrix(ctrl)))
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-12)
+
+
+@needs_sparse_kernel
 def test_rank_sum_op_opcheck():
     from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
 

@@ -6,13 +6,16 @@
 // U1 and the pooled tie term are sums over the distinct values v of a perturbation's cells:
 //   U1  += t_x(v) (#ctrl < v + #ctrl == v / 2),   tie += f(t_x + t_c) - f(t_c),   f(t) = t^3 - t,
 // so only runs of equal values matter, not their order. The zeros of a sparse column are one run
-// whose control counts are looked up once per gene; only the stored non-zeros are sorted.
+// whose control counts are looked up once per gene; the stored non-zeros are ranked one by one
+// when none repeats (t_x = 1), else sorted into runs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -46,22 +49,80 @@ inline std::pair<int64_t, int64_t> control_counts(const double* ctrl, const doub
   return {lo - ctrl, hi - lo};
 }
 
+// First position in the sorted [first, last) whose value is not below v, without data-dependent
+// branches (the bisection steps compile to conditional moves).
+inline const double* lower_bound_branchless(const double* first, const double* last, double v) {
+  int64_t n = last - first;
+  if (n == 0) return first;
+  while (n > 1) {
+    const int64_t half = n / 2;
+    first = first[half - 1] < v ? first + half : first;
+    n -= half;
+  }
+  return first + (*first < v);
+}
+
+// The values of one perturbation and gene as a set: whether one of them occurs twice. Open
+// addressing on the bits of the values; a generation stamp empties the table in O(1).
+class RepeatCheck {
+ public:
+  static constexpr size_t kSlots = 1024, kMaxValues = kSlots / 2;
+
+  bool has_repeat(const std::vector<double>& values) {
+    if (++generation_ == 0) {  // wrapped: clear the stamps once
+      std::fill(stamp_.begin(), stamp_.end(), 0u);
+      generation_ = 1;
+    }
+    for (const double v : values) {
+      uint64_t bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      for (size_t h = (bits * 0x9E3779B97F4A7C15ull) >> 54;; h = (h + 1) & (kSlots - 1)) {
+        if (stamp_[h] != generation_) {
+          stamp_[h] = generation_;
+          key_[h] = bits;
+          break;
+        }
+        if (key_[h] == bits) return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  std::vector<uint32_t> stamp_ = std::vector<uint32_t>(kSlots, 0u);
+  std::vector<uint64_t> key_ = std::vector<uint64_t>(kSlots);
+  uint32_t generation_ = 0;
+};
+
 // U1 and tie term of one perturbation's values of one gene, `buf` (its stored non-zeros; `zeros`
 // implicit zeros), against the gene's sorted controls c[0:n_ctrl], of which lo0 are below zero and
-// tc0 equal to it. Sorts buf.
+// tc0 equal to it. Values that occur once (the rule for normalised expression) are ranked one by
+// one by bisection; a group with a repeated value is sorted so that equal values form one run.
 inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zeros, const double* c,
-                                            int64_t n_ctrl, int64_t lo0, int64_t tc0) {
-  std::sort(buf.begin(), buf.end());
+                                            int64_t n_ctrl, int64_t lo0, int64_t tc0, RepeatCheck& repeats) {
   double u = 0.0, t = 0.0;
   if (zeros > 0) {
     u += zeros * (lo0 + 0.5 * tc0);
     t += tie_count(zeros + tc0) - tie_count(static_cast<double>(tc0));
   }
+  const double *negative = c, *positive = c + lo0 + tc0, *end = c + n_ctrl;
+  if (buf.size() <= RepeatCheck::kMaxValues && !repeats.has_repeat(buf)) {
+    for (const double v : buf) {  // t_x = 1 for every value
+      const double* lo = v > 0.0 ? lower_bound_branchless(positive, end, v) : lower_bound_branchless(negative, c + lo0, v);
+      const double* hi = lo;
+      while (hi < end && *hi == v) ++hi;
+      const double tc = static_cast<double>(hi - lo);
+      u += static_cast<double>(lo - c) + 0.5 * tc;
+      t += tie_count(1.0 + tc) - tie_count(tc);
+    }
+    return {u, t};
+  }
+  std::sort(buf.begin(), buf.end());
   const double* from = c;
   for (size_t i = 0; i < buf.size();) {
     size_t j = i + 1;
     while (j < buf.size() && buf[j] == buf[i]) ++j;
-    if (buf[i] > 0.0) from = std::max(from, c + lo0 + tc0);  // past the controls' zeros
+    if (buf[i] > 0.0) from = std::max(from, positive);  // past the controls' zeros
     const auto [lo, tc] = control_counts(c, from, n_ctrl, buf[i]);
     from = c + lo + tc;
     const double tx = static_cast<double>(j - i);
@@ -113,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> start(kTileGenes + 1), row;
       std::vector<double> value, buf;
+      RepeatCheck repeats;
       std::vector<const index_t*> cursor(n);  // each row's first entry at or after the tile
       for (int64_t r = 0; r < n; ++r)
         cursor[r] = std::lower_bound(ci + rp[r], ci + rp[r + 1], static_cast<index_t>(begin));
@@ -139,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
             for (; k < start[g - g0] && row[k] < ssp[s + 1]; ++k)
               if (value[k] != 0.0) buf.push_back(value[k]);  // stored zeros join the zero run
             const double zeros = static_cast<double>(ssp[s + 1] - ssp[s] - static_cast<int64_t>(buf.size()));
-            std::tie(u1p[s * G + g], tiep[s * G + g]) = rank_stats(buf, zeros, c, n_ctrl, lo0, tc0);
+            std::tie(u1p[s * G + g], tiep[s * G + g]) = rank_stats(buf, zeros, c, n_ctrl, lo0, tc0, repeats);
           }
         }
       }
