@@ -36,15 +36,14 @@ TORCH_LIBRARY(perturbdiff, m) {
   // in evaluate/wilcoxon.py.
   m.def("rank_sum(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor seg_start, Tensor ctrl_sorted) "
         "-> (Tensor, Tensor)");
-  // The dense product A @ B of CSR matrices A [len(a_ptr) - 1, K] and B [K = len(b_ptr) - 1, m]: the
-  // evaluator's products of sparse cells. CPU only.
-  m.def("csr_mm(Tensor a_ptr, Tensor a_idx, Tensor a_val, Tensor b_ptr, Tensor b_idx, Tensor b_val, int m) "
-        "-> Tensor");
-  // Mean Euclidean distance over the pairs of cells within each segment offsets[s]:offsets[s + 1]
-  // (self-pairs included, as 0) and every cell's squared norm; cells are rows of [CSR part (ptr, idx,
-  // val; cols columns) | dense]. The evaluator's E|x - x'| for the e-distance. CPU only.
-  m.def("within_distance(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor offsets, int cols) "
-        "-> (Tensor, Tensor)");
+  // Per segment offsets[s]:offsets[s + 1] of cells split in two parts at split[s]: the mean Euclidean
+  // distance over the pairs within each part ([2, S], self-pairs included as 0, NaN for an empty
+  // part), every cell's squared norm, and per kernel (kernel_math.h, with the bandwidths) the mean
+  // f(D) over the pairs within each part and between the parts ([K, 3, S]). Cells are rows of [CSR
+  // part (ptr, idx, val; cols columns) | dense]. The evaluator's E|x - x'| for the e-distance and,
+  // with predicted and real cells as the two parts, its set distances. CPU only.
+  m.def("within_distance(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor offsets, Tensor split, "
+        "int cols, str[] kernels, float[] bandwidths) -> (Tensor, Tensor, Tensor)");
   // Each cell's mean Euclidean distance to the cells of a reference set; cells are rows of [CSR part
   // (ptr, idx, val) | dense] with squared norms sq, the reference is given by its sparse part
   // transposed (CSR ref_ptr, ref_idx, ref_val: [len(ref_ptr) - 1 genes, m]), its dense part [m, d] and

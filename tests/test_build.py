@@ -32,10 +32,9 @@ SCHEMAS = {
     # the evaluator's CPU kernels
     "rank_sum": "perturbdiff::rank_sum(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor seg_start, "
                 "Tensor ctrl_sorted) -> (Tensor, Tensor)",
-    "csr_mm": "perturbdiff::csr_mm(Tensor a_ptr, Tensor a_idx, Tensor a_val, Tensor b_ptr, Tensor b_idx, "
-              "Tensor b_val, int m) -> Tensor",
     "within_distance": "perturbdiff::within_distance(Tensor ptr, Tensor idx, Tensor val, Tensor dense, "
-                       "Tensor offsets, int cols) -> (Tensor, Tensor)",
+                       "Tensor offsets, Tensor split, int cols, str[] kernels, float[] bandwidths) "
+                       "-> (Tensor, Tensor, Tensor)",
     "distance_to": "perturbdiff::distance_to(Tensor ptr, Tensor idx, Tensor val, Tensor dense, Tensor sq, "
                    "Tensor ref_ptr, Tensor ref_idx, Tensor ref_val, Tensor ref_dense, Tensor ref_sq) -> Tensor",
     "split_columns": "perturbdiff::split_columns(Tensor ptr, Tensor idx, Tensor val, Tensor position, "

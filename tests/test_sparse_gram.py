@@ -1,7 +1,5 @@
-"""perturbdiff::csr_mm, ::within_distance, ::distance_to, ::split_columns and the split
-sparse/dense products behind the evaluator's e-distance."""
-
-import functools
+"""perturbdiff::within_distance, ::distance_to, ::split_columns and the split sparse/dense
+products behind the evaluator's e-distance and set distances."""
 
 import anndata as ad
 import numpy as np
@@ -13,11 +11,10 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 
 from perturbdiff.evaluate import evaluate
-from perturbdiff.evaluate.distribution import (energy_to_control, mean_distance_to,
-                                               mean_pairwise_distance, within_distances)
+from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
 from perturbdiff.evaluate import sparse_gram
 from perturbdiff.evaluate.sparse_gram import (SplitCells, dense_genes, density, split_distance_to,
-                                              split_gram, split_within)
+                                              split_within)
 
 pytestmark = pytest.mark.skipif(not sparse_gram.available(), reason="perturbdiff._C not built")
 
@@ -30,86 +27,6 @@ def _random_csr(rng, rows, cols, dens, index_dtype=np.int32, dtype=np.float64):
     return m
 
 
-def _csr_mm(a, b, m=None):
-    t = lambda arr: torch.from_numpy(np.ascontiguousarray(arr))  # noqa: E731
-    return torch.ops.perturbdiff.csr_mm(t(a.indptr), t(a.indices), t(a.data), t(b.indptr),
-                                        t(b.indices), t(b.data), b.shape[1] if m is None else m)
-
-
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 40), k=st.integers(1, 30), m=st.integers(0, 25),
-       dens=st.floats(0, 1), seed=st.integers(0, 2**31 - 1),
-       index_dtype=st.sampled_from([np.int32, np.int64]),
-       dtype=st.sampled_from([np.float32, np.float64]))
-def test_csr_mm_matches_dense_product(n, k, m, dens, seed, index_dtype, dtype):
-    rng = np.random.default_rng(seed)
-    a = _random_csr(rng, n, k, dens, index_dtype, dtype)
-    b = _random_csr(rng, k, m, dens, index_dtype, dtype)
-    out = _csr_mm(a, b)
-    assert out.dtype == torch.from_numpy(a.data).dtype and out.shape == (n, m)
-    ref = a.astype(np.float64).toarray() @ b.astype(np.float64).toarray()
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(out.double().numpy(), ref, rtol=tol, atol=tol * (1 + np.abs(ref).max(initial=0)))
-
-
-def test_csr_mm_unsorted_indices_and_duplicates_add_up():
-    # row 0 stores column 2 twice and column 0 after it: a valid (non-canonical) CSR matrix
-    a = sp.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 2, 0]), np.array([0, 3, 3])),
-                      shape=(2, 3))
-    b = sp.csr_matrix(np.arange(6, dtype=np.float64).reshape(3, 2))
-    np.testing.assert_array_equal(_csr_mm(a, b).numpy(), a.toarray() @ b.toarray())
-
-
-def test_csr_mm_is_bitwise_reproducible():
-    rng = np.random.default_rng(1)
-    a, b = _random_csr(rng, 300, 200, 0.1), _random_csr(rng, 200, 90, 0.1)
-    assert torch.equal(_csr_mm(a, b), _csr_mm(a, b))
-
-
-def test_csr_mm_opcheck():
-    rng = np.random.default_rng(0)
-    a, b = _random_csr(rng, 7, 5, 0.5, np.int64), _random_csr(rng, 5, 4, 0.5, np.int64)
-    from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
-
-    t = torch.from_numpy
-    args = (t(a.indptr), t(a.indices), t(a.data), t(b.indptr), t(b.indices), t(b.data), 4)
-    torch.library.opcheck(torch.ops.perturbdiff.csr_mm.default, args)
-
-
-def test_csr_mm_rejects_bad_input():
-    rng = np.random.default_rng(0)
-    a, b = _random_csr(rng, 4, 5, 0.6), _random_csr(rng, 5, 3, 0.6)
-    with pytest.raises(ValueError, match=r"column indices must lie in \[0, 2\)"):
-        _csr_mm(a, b, m=2)
-    with pytest.raises(ValueError, match=r"A's column indices must lie in \[0, 4\)"):
-        _csr_mm(a, b[:4])
-    t = torch.from_numpy
-    with pytest.raises(ValueError, match="differ in length"):
-        torch.ops.perturbdiff.csr_mm(t(a.indptr), t(a.indices), t(a.data[:-1]), t(b.indptr),
-                                     t(b.indices), t(b.data), 3)
-    with pytest.raises(TypeError, match="float32 or both float64"):
-        torch.ops.perturbdiff.csr_mm(t(a.indptr), t(a.indices), t(a.data), t(b.indptr),
-                                     t(b.indices), t(b.data.astype(np.float32)), 3)
-    with pytest.raises(TypeError, match="int32 or all int64"):
-        torch.ops.perturbdiff.csr_mm(t(a.indptr), t(a.indices.astype(np.int64)), t(a.data),
-                                     t(b.indptr), t(b.indices), t(b.data), 3)
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), dens_x=st.floats(0, 1), dens_y=st.floats(0, 1))
-def test_split_gram_matches_dense_product(seed, dens_x, dens_y):
-    rng = np.random.default_rng(seed)
-    x, y = _random_csr(rng, 23, 40, dens_x), _random_csr(rng, 9, 40, dens_y)
-    split = rng.random(40) < 0.5  # any split gives the same product
-    sx, sy = SplitCells.split(x, split), SplitCells.split(y, split)
-    np.testing.assert_allclose(split_gram(sx, sy).numpy(), x.toarray() @ y.toarray().T,
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(split_gram(sx[3:11]).numpy(),
-                               x[3:11].toarray() @ x[3:11].toarray().T, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="different genes"):
-        split_gram(sx, SplitCells.split(y, ~split))
-
-
 def test_dense_genes_follow_the_cost_model():
     x = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
     np.testing.assert_array_equal(density(x), [1.0, 0.5, 0.0])
@@ -117,30 +34,50 @@ def test_dense_genes_follow_the_cost_model():
     np.testing.assert_array_equal(dense_genes(density(x), density(x)), [True, True, False])
 
 
-def test_energy_to_control_on_split_cells_matches_cdist():
-    rng = np.random.default_rng(3)
-    cells, ctrl = _random_csr(rng, 9, 30, 0.2), _random_csr(rng, 6, 30, 0.2)
-    split = dense_genes(density(cells), density(ctrl))
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dens=st.floats(0, 1), dense_share=st.floats(0, 1))
+def test_energy_to_control_on_split_cells_matches_cdist(seed, dens, dense_share):
+    """The e-distance from the compiled kernels on cells split by gene (any split), against
+    cdist, and against the dense torch path."""
+    rng = np.random.default_rng(seed)
+    cells, ctrl = _random_csr(rng, 9, 30, dens), _random_csr(rng, 6, 30, dens)
+    split = rng.random(30) < dense_share
     c = SplitCells.split(ctrl, split)
-    self_distance, sq = mean_pairwise_distance(c, split_gram)
+    self_distance, sq = split_within(c, [0, 6])
     offsets = np.array([0, 3, 4, 9])
     dense, cd = cells.toarray(), ctrl.toarray()
     ref = [2 * cdist(s, cd).mean() - cdist(s, s).mean() - cdist(cd, cd).mean()
            for s in np.split(dense, offsets[1:-1])]
-    # per-perturbation products through split_gram, or the compiled distance kernels
-    gram_within = functools.partial(within_distances, gram=split_gram)
-    gram_to = functools.partial(mean_distance_to, gram=split_gram)
-    for within, distance_to in ((gram_within, gram_to), (split_within, split_distance_to)):
-        e = energy_to_control(SplitCells.split(cells, split), offsets, c, sq, self_distance,
-                              within, distance_to)
-        np.testing.assert_allclose(e.numpy(), ref, rtol=1e-10)
+    e = energy_to_control(SplitCells.split(cells, split), offsets, c, sq, self_distance[0],
+                          split_within, split_distance_to)
+    np.testing.assert_allclose(e.numpy(), ref, rtol=1e-10, atol=1e-10)
+    t = torch.from_numpy
+    torch_self, torch_sq = mean_pairwise_distance(t(cd))
+    np.testing.assert_allclose(energy_to_control(t(dense), offsets, t(cd), torch_sq, torch_self).numpy(),
+                               ref, rtol=1e-10, atol=1e-10)
 
 
-def _within(x, dense, offsets, cols=None):
+def test_distance_to_unsorted_indices_and_duplicates_add_up():
+    # row 0 stores column 2 twice and column 0 after it: a valid (non-canonical) CSR matrix
+    x = sp.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 2, 0]), np.array([0, 3, 3])),
+                      shape=(2, 3))
+    ref = sp.csr_matrix(np.arange(6, dtype=np.float64).reshape(2, 3))
+    dense, dense_ref = x.toarray(), ref.toarray()  # duplicates summed
+    sq = lambda a: torch.from_numpy((a ** 2).sum(1))  # noqa: E731
+    none = torch.zeros(2, 0, dtype=torch.float64)
+    out = _distance_to(x, none, sq(dense), ref, none, sq(dense_ref))
+    np.testing.assert_allclose(out.numpy(), cdist(dense, dense_ref).mean(1), rtol=1e-14)
+
+
+def _within(x, dense, offsets, cols=None, split=None, kernels=(), bandwidths=()):
+    """(mean distance [S], squared norms) without ``split``, else all three outputs."""
     t = lambda arr: torch.from_numpy(np.ascontiguousarray(arr))  # noqa: E731
-    return torch.ops.perturbdiff.within_distance(t(x.indptr), t(x.indices), t(x.data), dense,
-                                                 torch.as_tensor(offsets, dtype=torch.int64),
-                                                 x.shape[1] if cols is None else cols)
+    offsets = torch.as_tensor(offsets, dtype=torch.int64)
+    out = torch.ops.perturbdiff.within_distance(
+        t(x.indptr), t(x.indices), t(x.data), dense, offsets,
+        offsets[1:] if split is None else torch.as_tensor(split, dtype=torch.int64),
+        x.shape[1] if cols is None else cols, list(kernels), list(bandwidths))
+    return (out[0][0], out[1]) if split is None else out
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,6 +104,42 @@ def test_within_distance_matches_cdist(n, sparse_genes, dense_genes_, dens, cuts
                                atol=1e-3 if dtype == np.float32 else 1e-9)
 
 
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=4),
+       sparse_genes=st.integers(0, 30), dense_genes_=st.integers(0, 8), dens=st.floats(0, 1),
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([np.float32, np.float64]))
+def test_within_distance_two_parts_and_kernels_match_the_reference(sizes, sparse_genes, dense_genes_,
+                                                                   dens, seed, dtype):
+    """Segments of two parts (the predicted and the real cells of a perturbation): the distances
+    within each part, and the energy and RBF means within and between the parts, against cdist
+    and ops.reference.radial on the dense matrix (V-statistics, self-pairs included)."""
+    from perturbdiff.evaluate.distribution import CELLFLOW_SIGMAS
+    from perturbdiff.ops.reference import radial
+
+    rng = np.random.default_rng(seed)
+    n = sum(a + b for a, b in sizes)
+    x = _random_csr(rng, n, sparse_genes, dens, np.int32, dtype)
+    d = rng.random((n, dense_genes_)).astype(dtype) * 2
+    offsets = np.concatenate([[0], np.cumsum([a + b for a, b in sizes])])
+    split = offsets[:-1] + np.array([a for a, _ in sizes])
+    distance, sq, means = _within(x, torch.from_numpy(d), offsets, split=split,
+                                  kernels=["energy", "rbf"], bandwidths=CELLFLOW_SIGMAS)
+    assert distance.shape == (2, len(sizes)) and means.shape == (2, 3, len(sizes))
+    full = np.hstack([x.astype(np.float64).toarray(), d.astype(np.float64)])
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sq.double().numpy(), (full ** 2).sum(1), **tol)
+    for i, (a, b, m) in enumerate(zip(offsets[:-1], offsets[1:], split)):
+        first, second = full[a:m], full[m:b]
+        for part, (u, v) in enumerate([(first, first), (second, second), (first, second)]):
+            if part < 2:
+                expect = cdist(u, v).mean() if len(u) else np.nan
+                np.testing.assert_allclose(distance[part, i].double().item(), expect, **tol)
+            sqd = torch.from_numpy(cdist(u, v) ** 2)
+            for k, (kernel, bw) in enumerate([("energy", None), ("rbf", CELLFLOW_SIGMAS)]):
+                expect = radial(kernel, sqd, bw).mean().item() if sqd.numel() else np.nan
+                np.testing.assert_allclose(means[k, part, i].double().item(), expect, **tol)
+
+
 def test_within_distance_unsorted_indices_and_duplicates_add_up():
     # row 0 stores column 2 twice and column 0 after them; row 2 stores column 1 twice
     x = sp.csr_matrix((np.array([1.0, 2.0, 3.0, 0.5, 4.0, 1.5]), np.array([2, 2, 0, 1, 1, 1]),
@@ -187,8 +160,10 @@ def test_within_distance_is_bitwise_reproducible_and_opchecked():
     from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
 
     t = torch.from_numpy
+    # two non-empty parts per segment (an empty one is NaN, which opcheck's comparisons reject)
     torch.library.opcheck(torch.ops.perturbdiff.within_distance.default,
-                          (t(x.indptr), t(x.indices), t(x.data), d, torch.tensor(offsets), 80))
+                          (t(x.indptr), t(x.indices), t(x.data), d, torch.tensor([0, 30, 120, 200]),
+                           torch.tensor([10, 31, 199]), 80, ["energy", "rbf"], [0.5, 2.0]))
 
 
 def test_within_distance_rejects_bad_input():
@@ -205,10 +180,19 @@ def test_within_distance_rejects_bad_input():
         _within(x, d, [0, 6], cols=2)
     with pytest.raises(TypeError, match="float32 or both float64"):
         _within(x, d.float(), [0, 6])
-    with pytest.raises(TypeError, match="offsets must be int64"):
+    with pytest.raises(ValueError, match=r"split\[0\] = 7 lies outside its segment \[0, 6\]"):
+        _within(x, d, [0, 6], split=[7])
+    with pytest.raises(ValueError, match=r"split must hold one row per segment \(1\)"):
+        _within(x, d, [0, 6], split=[2, 3])
+    with pytest.raises(ValueError, match="unknown kernel 'gauss'"):
+        _within(x, d, [0, 6], split=[3], kernels=["gauss"], bandwidths=[1.0])
+    with pytest.raises(ValueError, match="bandwidths must be positive"):
+        _within(x, d, [0, 6], split=[3], kernels=["rbf"], bandwidths=[-1.0])
+    with pytest.raises(TypeError, match="offsets and split must be int64"):
         t = torch.from_numpy
         torch.ops.perturbdiff.within_distance(t(x.indptr), t(x.indices), t(x.data), d,
-                                              torch.tensor([0, 6], dtype=torch.int32), 5)
+                                              torch.tensor([0, 6], dtype=torch.int32),
+                                              torch.tensor([6], dtype=torch.int32), 5, [], [])
 
 
 def _distance_to(x, d, sq, ref, ref_d, ref_sq, cols=None):
@@ -283,15 +267,19 @@ def test_distance_to_rejects_bad_input():
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc"])
-def test_evaluate_sparse_and_dense_inputs_agree(shared_data, fmt):
+@pytest.mark.parametrize("own_controls", [False, True])
+def test_evaluate_sparse_and_dense_inputs_agree(shared_data, fmt, own_controls):
     """On real (sparse) cells, the sparse products (sparse .X, CSR or CSC) and the dense GEMM
-    path (dense .X) give the same metrics, pearson_edistance included, per context."""
+    path (dense .X) give the same metrics, pearson_edistance and the set distances included, per
+    context; the prediction carries the real control cells or controls of its own."""
     real = ad.read_h5ad(shared_data)[:, :150]
     real = real[real.obs["cell_type"].isin(["T98G", "U87MG"])].copy()
     rng = np.random.default_rng(0)
     x = real.X.toarray()
     moved = np.flatnonzero(real.obs["condition"].to_numpy(str) != "control")
     x[moved] = x[rng.permutation(moved)] * (1 + 0.1 * rng.random((len(moved), x.shape[1])))
+    if own_controls:
+        x[real.obs["condition"].to_numpy(str) == "control"] *= 1.05
     pred = ad.AnnData(sp.csr_matrix(x).asformat(fmt), obs=real.obs, var=real.var)
     real.X = sp.csr_matrix(real.X).asformat(fmt)
 

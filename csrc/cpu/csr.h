@@ -1,4 +1,4 @@
-// What the evaluator's sparse CPU kernels (csr_mm, within_distance, distance_to, rank_sum) share:
+// What the evaluator's sparse CPU kernels (within_distance, distance_to, split_columns, rank_sum) share:
 // CSR argument checks, Gustavson's row product and the Euclidean distances of a Gram row.
 #pragma once
 
@@ -34,7 +34,7 @@ inline at::ScalarType csr_index_type(const char* op, std::initializer_list<const
 }
 
 // out[j] += sum_k A[r, k] B[k, j] over the stored A[r, k] (Gustavson: one scattered multiply-add per
-// stored pair; out is the dense row r of A B).
+// stored pair; out is the dense row r of A B, A and B in CSR).
 template <typename scalar_t, typename index_t>
 void add_product_row(const index_t* a_ptr, const index_t* a_idx, const scalar_t* a_val, int64_t r,
                      const index_t* b_ptr, const index_t* b_idx, const scalar_t* b_val, scalar_t* out) {
@@ -45,15 +45,19 @@ void add_product_row(const index_t* a_ptr, const index_t* a_idx, const scalar_t*
   }
 }
 
-// sum_q |p - q| over q < count from the Gram row gram[q] = p.q and squared norms: the norm expansion
-// max((-2 p.q + |p|^2) + |q|^2, 0) of evaluate/distribution.py, square roots summed in double.
+// |p - q|^2 from the Gram entry p.q and the squared norms: the norm expansion
+// max((-2 p.q + |p|^2) + |q|^2, 0) of evaluate/distribution.py.
+template <typename scalar_t>
+inline scalar_t squared_distance(scalar_t gram, scalar_t sq_p, scalar_t sq_q) {
+  const scalar_t d = scalar_t(-2) * gram + sq_p + sq_q;
+  return d > scalar_t(0) ? d : scalar_t(0);
+}
+
+// sum_q |p - q| over q < count from the Gram row gram[q] = p.q, square roots summed in double.
 template <typename scalar_t>
 double distance_sum(const scalar_t* gram, scalar_t sq_p, const scalar_t* sq_q, int64_t count) {
   double total = 0.0;
-  for (int64_t q = 0; q < count; ++q) {
-    const scalar_t d = scalar_t(-2) * gram[q] + sq_p + sq_q[q];
-    total += std::sqrt(static_cast<double>(d > scalar_t(0) ? d : scalar_t(0)));
-  }
+  for (int64_t q = 0; q < count; ++q) total += std::sqrt(static_cast<double>(squared_distance(gram[q], sq_p, sq_q[q])));
   return total;
 }
 

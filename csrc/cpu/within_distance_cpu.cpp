@@ -1,8 +1,11 @@
-// CPU kernel of perturbdiff::within_distance: the mean Euclidean distance over all pairs of cells
-// within each segment (a perturbation's cells), E|x - x'| of cell-eval's e-distance, and every
-// cell's squared norm. Cells are rows of [S | D]: a CSR part S [n, cols] (the evaluator's sparse
-// genes) and a dense part D [n, d] (its genes stored in most cells), so that a segment's Gram
-// matrix G = S_s S_s^T + D_s D_s^T costs small GEMMs plus scattered multiply-adds over stored
+// CPU kernel of perturbdiff::within_distance: per segment (a perturbation's cells), the mean
+// Euclidean distance over the pairs of cells of each of its two parts, E|x - x'| of cell-eval's
+// e-distance, every cell's squared norm and, optionally, the means of radial kernels (kernel_math.h)
+// over the pairs within each part and between the two: the predicted-vs-real set distances of the
+// evaluator's full profile, whose segments hold a perturbation's predicted cells (first part) and
+// real cells (second part). Cells are rows of [S | D]: a CSR part S [n, cols] (the evaluator's
+// sparse genes) and a dense part D [n, d] (its genes stored in most cells), so that a segment's
+// Gram matrix G = S_s S_s^T + D_s D_s^T costs small GEMMs plus scattered multiply-adds over stored
 // values only.
 //
 // Work is split into blocks of rows of one segment, so that a few large perturbations keep every
@@ -22,10 +25,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "cpu/csr.h"
+#include "op_args.h"
 
 namespace perturbdiff::cpu {
 namespace {
@@ -92,41 +97,89 @@ scalar_t sparse_square(const index_t* rp, const index_t* idx, const scalar_t* v,
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor> within_distance_cpu(const at::Tensor& ptr_, const at::Tensor& idx_,
-                                                       const at::Tensor& val_, const at::Tensor& dense_,
-                                                       const at::Tensor& offsets_, int64_t cols) {
-  for (const at::Tensor* t : {&ptr_, &idx_, &val_, &offsets_})
-    TORCH_CHECK_VALUE(t->dim() == 1, "within_distance: ptr, idx, val and offsets must be 1-d, got ", t->sizes());
+// Sums of f(D) over a row's squared distances, for each requested kernel (energy takes no bandwidth).
+template <typename scalar_t>
+struct KernelSums {
+  std::vector<Kernel> kinds;
+  std::vector<RadialParams<scalar_t>> params;
+
+  KernelSums(const std::vector<Kernel>& kernels, c10::ArrayRef<double> bandwidths) : kinds(kernels) {
+    static const double unused = 1.0;
+    for (const Kernel k : kinds)
+      params.push_back(radial_params<scalar_t>(k, k == Kernel::Energy ? c10::ArrayRef<double>(unused) : bandwidths));
+  }
+
+  double sum(size_t k, const scalar_t* d, int64_t count) const {
+    switch (kinds[k]) {
+      case Kernel::RBF: return sum_of<Kernel::RBF>(params[k], d, count);
+      case Kernel::Laplacian: return sum_of<Kernel::Laplacian>(params[k], d, count);
+      case Kernel::IMQ: return sum_of<Kernel::IMQ>(params[k], d, count);
+      case Kernel::Energy: return sum_of<Kernel::Energy>(params[k], d, count);
+    }
+    return 0.0;
+  }
+  double at_zero(size_t k) const {
+    const scalar_t zero = 0;
+    return sum(k, &zero, 1);
+  }
+
+ private:
+  template <Kernel K>
+  double sum_of(const RadialParams<scalar_t>& p, const scalar_t* d, int64_t count) const {
+    double total = 0.0;
+    for (int64_t q = 0; q < count; ++q) total += static_cast<double>(radial_value<K, scalar_t, scalar_t>(p, d[q]));
+    return total;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
+    const at::Tensor& ptr_, const at::Tensor& idx_, const at::Tensor& val_, const at::Tensor& dense_,
+    const at::Tensor& offsets_, const at::Tensor& split_, int64_t cols, c10::ArrayRef<std::string> kernels,
+    c10::ArrayRef<double> bandwidths) {
+  for (const at::Tensor* t : {&ptr_, &idx_, &val_, &offsets_, &split_})
+    TORCH_CHECK_VALUE(t->dim() == 1, "within_distance: ptr, idx, val, offsets and split must be 1-d, got ",
+                      t->sizes());
   TORCH_CHECK_VALUE(ptr_.size(0) >= 1, "within_distance: row pointers need at least one entry");
   TORCH_CHECK_VALUE(idx_.size(0) == val_.size(0), "within_distance: column indices and values differ in length");
   TORCH_CHECK_VALUE(cols >= 0, "within_distance: cols must be >= 0, got ", cols);
   const int64_t n = ptr_.size(0) - 1;
   TORCH_CHECK_VALUE(dense_.dim() == 2 && dense_.size(0) == n, "within_distance: dense must be [", n,
                     ", genes] (one row per cell), got ", dense_.sizes());
-  TORCH_CHECK_TYPE(offsets_.scalar_type() == at::kLong, "within_distance: offsets must be int64");
+  TORCH_CHECK_TYPE(offsets_.scalar_type() == at::kLong && split_.scalar_type() == at::kLong,
+                   "within_distance: offsets and split must be int64");
   TORCH_CHECK_TYPE(val_.scalar_type() == dense_.scalar_type() &&
                        (val_.scalar_type() == at::kFloat || val_.scalar_type() == at::kDouble),
                    "within_distance: val and dense must both be float32 or both float64, got ",
                    val_.scalar_type(), " and ", dense_.scalar_type());
   const auto index_type = csr_index_type("within_distance", {&ptr_, &idx_});
   const at::Tensor ptr = ptr_.contiguous(), idx = idx_.contiguous(), val = val_.contiguous(),
-                   dense = dense_.contiguous(), offsets = offsets_.contiguous();
+                   dense = dense_.contiguous(), offsets = offsets_.contiguous(), split = split_.contiguous();
   const int64_t segments = offsets.size(0) - 1;
   TORCH_CHECK_VALUE(segments >= 0, "within_distance: offsets need at least one entry");
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(split.size(0) == segments, "within_distance: split must hold one row per segment (",
+                    segments, "), got ", split.size(0));
+  const int64_t *off = offsets.data_ptr<int64_t>(), *mid = split.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(off[0] == 0 && off[segments] == n, "within_distance: offsets must run from 0 to the ",
                     "number of cells (", n, "), got ", off[0], " to ", off[segments]);
-  for (int64_t s = 0; s < segments; ++s)
+  for (int64_t s = 0; s < segments; ++s) {
     TORCH_CHECK_VALUE(off[s] <= off[s + 1], "within_distance: offsets decrease at segment ", s);
+    TORCH_CHECK_VALUE(off[s] <= mid[s] && mid[s] <= off[s + 1], "within_distance: split[", s, "] = ", mid[s],
+                      " lies outside its segment [", off[s], ", ", off[s + 1], "]");
+  }
+  std::vector<Kernel> kinds;
+  for (const std::string& name : kernels) kinds.push_back(parse_kernel(name));
+  const int64_t K = static_cast<int64_t>(kinds.size());
 
-  at::Tensor mean = at::empty({segments}, val.options());
+  at::Tensor distance = at::empty({2, segments}, val.options());
   at::Tensor sq = at::empty({n}, val.options());
+  at::Tensor kernel_means = at::empty({K, 3, segments}, val.options());
   AT_DISPATCH_INDEX_TYPES(index_type, "within_distance", [&] {
     const index_t *pp = ptr.data_ptr<index_t>(), *ip = idx.data_ptr<index_t>();
     check_csr("within_distance", "the sparse part", pp, n, ip, idx.size(0), cols);
     AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "within_distance", [&] {
+      const KernelSums<scalar_t> ks(kinds, bandwidths);
       const scalar_t* vp = val.data_ptr<scalar_t>();
-      scalar_t *mp = mean.data_ptr<scalar_t>(), *sqp = sq.data_ptr<scalar_t>();
+      scalar_t* sqp = sq.data_ptr<scalar_t>();
       const bool has_dense = dense.size(1) > 0;
       // Squared norms: the Gram diagonal.
       const at::Tensor dense_sq = has_dense ? dense.square().sum(1) : at::zeros({n}, dense.options());
@@ -136,15 +189,17 @@ std::tuple<at::Tensor, at::Tensor> within_distance_cpu(const at::Tensor& ptr_, c
         for (int64_t p = r0; p < r1; ++p) sqp[p] = dsq[p] + sparse_square(pp, ip, vp, p, scratch);
       });
       // Blocks of rows within segments.
-      std::vector<std::tuple<int64_t, int64_t, int64_t>> blocks;  // (row0, row1, segment end)
+      std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> blocks;  // (row0, row1, split, segment end)
       for (int64_t s = 0; s < segments; ++s)
         for (int64_t r = off[s]; r < off[s + 1]; r += kBlockRows)
-          blocks.emplace_back(r, std::min(r + kBlockRows, off[s + 1]), off[s + 1]);
-      std::vector<double> row_sum(n, 0.0);
+          blocks.emplace_back(r, std::min(r + kBlockRows, off[s + 1]), mid[s], off[s + 1]);
+      // Per row p, over q > p: distances to its own part; f_k(D) to its own part and to the other.
+      std::vector<double> row_distance(n, 0.0), row_kernel(2 * K * n, 0.0);
       at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
         Columns<scalar_t> columns(cols);
+        std::vector<scalar_t> d;
         for (int64_t b = b0; b < b1; ++b) {
-          const auto [r0, r1, end] = blocks[b];
+          const auto [r0, r1, m, end] = blocks[b];
           const int64_t width = end - r0;  // columns q in [r0, end)
           at::Tensor gram = has_dense ? at::mm(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width).t())
                                             .contiguous()
@@ -152,19 +207,46 @@ std::tuple<at::Tensor, at::Tensor> within_distance_cpu(const at::Tensor& ptr_, c
           scalar_t* g = gram.data_ptr<scalar_t>();
           columns.build(pp, ip, vp, r0, end);
           add_sparse_block(columns, pp, ip, vp, r0, r1, end, g);
-          for (int64_t p = r0; p < r1; ++p)  // q > p
-            row_sum[p] = distance_sum(g + (p - r0) * width + (p + 1 - r0), sqp[p], sqp + p + 1, end - p - 1);
+          for (int64_t p = r0; p < r1; ++p) {
+            const scalar_t* row = g + (p - r0) * width - r0;  // row[q]: G_pq
+            const int64_t own_end = p < m ? m : end;           // q in (p, own_end): p's own part
+            row_distance[p] = distance_sum(row + p + 1, sqp[p], sqp + p + 1, own_end - p - 1);
+            if (K == 0) continue;
+            d.resize(end - p - 1);
+            for (int64_t q = p + 1; q < end; ++q) d[q - p - 1] = squared_distance(row[q], sqp[p], sqp[q]);
+            for (int64_t k = 0; k < K; ++k) {
+              row_kernel[(2 * k) * n + p] = ks.sum(k, d.data(), own_end - p - 1);
+              row_kernel[(2 * k + 1) * n + p] = ks.sum(k, d.data() + (own_end - p - 1), end - own_end);
+            }
+          }
         }
       });
+      // Segment means: each unordered pair of a part counts twice, its self-pairs add f(0) (distance 0).
+      const double nan = std::nan("");
+      scalar_t *dp = distance.data_ptr<scalar_t>(), *kp = kernel_means.data_ptr<scalar_t>();
       for (int64_t s = 0; s < segments; ++s) {
-        const double pairs = static_cast<double>(off[s + 1] - off[s]) * static_cast<double>(off[s + 1] - off[s]);
-        double total = 0.0;
-        for (int64_t p = off[s]; p < off[s + 1]; ++p) total += row_sum[p];
-        mp[s] = static_cast<scalar_t>(pairs > 0 ? 2.0 * total / pairs : std::nan(""));
+        const double nx = static_cast<double>(mid[s] - off[s]), ny = static_cast<double>(off[s + 1] - mid[s]);
+        const auto part_sum = [&](const double* sums, int64_t from, int64_t to) {
+          double total = 0.0;
+          for (int64_t p = from; p < to; ++p) total += sums[p];
+          return total;
+        };
+        const auto mean = [&](double total, double pairs) { return static_cast<scalar_t>(pairs > 0 ? total / pairs : nan); };
+        dp[s] = mean(2.0 * part_sum(row_distance.data(), off[s], mid[s]), nx * nx);
+        dp[segments + s] = mean(2.0 * part_sum(row_distance.data(), mid[s], off[s + 1]), ny * ny);
+        for (int64_t k = 0; k < K; ++k) {
+          const double* own = row_kernel.data() + (2 * k) * n;
+          const double* other = row_kernel.data() + (2 * k + 1) * n;
+          const double f0 = ks.at_zero(k);
+          scalar_t* out = kp + k * 3 * segments;
+          out[s] = mean(2.0 * part_sum(own, off[s], mid[s]) + nx * f0, nx * nx);
+          out[segments + s] = mean(2.0 * part_sum(own, mid[s], off[s + 1]) + ny * f0, ny * ny);
+          out[2 * segments + s] = mean(part_sum(other, off[s], mid[s]), nx * ny);
+        }
       }
     });
   });
-  return {mean, sq};
+  return {distance, sq, kernel_means};
 }
 
 }  // namespace

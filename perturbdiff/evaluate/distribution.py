@@ -27,35 +27,29 @@ def _mean_distance(sq_x: torch.Tensor, sq_y: torch.Tensor, gram: torch.Tensor,
     return _squared_distances(sq_x, sq_y, gram).sqrt_().mean(dim)
 
 
-def torch_gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ y.T (x @ x.T when y is None) of dense cells."""
-    return x @ (x if y is None else y).T
-
-
-def mean_pairwise_distance(x, gram=torch_gram) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean Euclidean distance over all pairs of rows (self-pairs included, as 0) and the
-    rows' squared norms, both from one Gram matrix (whose diagonal makes self-pairs exactly 0).
-    ``gram`` computes products of the rows of ``x``: ``torch_gram`` for a dense tensor,
-    ``split_gram`` for ``SplitCells``."""
-    g = gram(x)
+def mean_pairwise_distance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean Euclidean distance over all pairs of rows of dense ``x`` (self-pairs included, as
+    0) and the rows' squared norms, both from one Gram matrix (whose diagonal makes self-pairs
+    exactly 0)."""
+    g = x @ x.T
     sq = g.diagonal().clone()
     return _mean_distance(sq, sq, g), sq
 
 
-def within_distances(cells, offsets: np.ndarray, gram=torch_gram
+def within_distances(cells: torch.Tensor, offsets: np.ndarray
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E|x-x'| of each segment offsets[i]:offsets[i + 1] of ``cells`` and the rows' squared
-    norms, from each segment's own Gram matrix (``gram`` as in ``mean_pairwise_distance``)."""
-    within, sq = zip(*(mean_pairwise_distance(cells[a:b], gram)
+    """E|x-x'| of each segment offsets[i]:offsets[i + 1] of dense ``cells`` and the rows'
+    squared norms, from each segment's own Gram matrix."""
+    within, sq = zip(*(mean_pairwise_distance(cells[a:b])
                        for a, b in zip(offsets[:-1], offsets[1:])))
     return torch.stack(within), torch.cat(sq)
 
 
-def mean_distance_to(x, sq_x: torch.Tensor, y, sq_y: torch.Tensor, gram=torch_gram
+def mean_distance_to(x: torch.Tensor, sq_x: torch.Tensor, y: torch.Tensor, sq_y: torch.Tensor
                      ) -> torch.Tensor:
-    """Each row of ``x``'s mean Euclidean distance to the rows of ``y``, from their squared norms
-    and one product (``gram`` as in ``mean_pairwise_distance``)."""
-    return _mean_distance(sq_x, sq_y, gram(x, y), dim=1)
+    """Each row of dense ``x``'s mean Euclidean distance to the rows of ``y``, from their
+    squared norms and one product."""
+    return _mean_distance(sq_x, sq_y, x @ y.T, dim=1)
 
 
 def energy_to_control(cells, offsets: np.ndarray, ctrl, ctrl_sq: torch.Tensor,
@@ -70,7 +64,13 @@ def energy_to_control(cells, offsets: np.ndarray, ctrl, ctrl_sq: torch.Tensor,
     ``SplitCells``.
     """
     within_d, sq = within(cells, offsets)
-    to_ctrl = distance_to(cells, sq, ctrl, ctrl_sq)
+    return energy_from_terms(within_d, distance_to(cells, sq, ctrl, ctrl_sq), offsets, ctrl_self)
+
+
+def energy_from_terms(within_d: torch.Tensor, to_ctrl: torch.Tensor, offsets: np.ndarray,
+                      ctrl_self: torch.Tensor) -> torch.Tensor:
+    """The e-distance 2 E|x-c| - E|x-x'| - E|c-c'| of each perturbation from its E|x-x'|, each
+    cell's E_c|x-c| (perturbation i owning offsets[i]:offsets[i + 1]) and the controls' E|c-c'|."""
     sizes = torch.from_numpy(np.diff(offsets)).to(to_ctrl.device)
     segment = torch.repeat_interleave(torch.arange(len(sizes), device=to_ctrl.device), sizes)
     cross = to_ctrl.new_zeros(len(sizes)).index_add_(0, segment, to_ctrl) / sizes
@@ -104,16 +104,11 @@ def _similar_sizes(sizes: list[int], slack: float = 1.25) -> list[list[int]]:
 SET_DISTANCES = {"energy_distance": ("energy", None), "mmd_rbf": ("rbf", CELLFLOW_SIGMAS)}
 
 
-def pred_real_distances(pred_sets: list, real_sets: list, gram=None) -> dict[str, torch.Tensor]:
+def pred_real_distances(pred_sets: list, real_sets: list) -> dict[str, torch.Tensor]:
     """Energy distance ("full" convention) and RBF MMD^2 (biased, mean kernel over CellFlow's
-    bandwidths) between the predicted and real cells of each perturbation.
-
-    Dense sets go through perturbdiff.ops, batched over sets of similar size. With ``gram``
-    (e.g. ``split_gram`` for sparse cells) the same kernels (``ops.reference.radial``) are
-    evaluated on the squared distances of explicit Gram matrices, one perturbation at a time.
-    """
-    if gram is not None:
-        return _gram_set_distances(pred_sets, real_sets, gram)
+    bandwidths) between the predicted and real cells of each perturbation, for dense sets:
+    through perturbdiff.ops, batched over sets of similar size. (Sparse cells take
+    ``joint_kernels`` / ``from_kernel_means`` through one compiled call per block.)"""
     from perturbdiff import ops  # not on the path of cell-eval's metrics
 
     n = len(pred_sets)
@@ -129,16 +124,15 @@ def pred_real_distances(pred_sets: list, real_sets: list, gram=None) -> dict[str
     return out
 
 
-def _gram_set_distances(pred_sets: list, real_sets: list, gram) -> dict[str, torch.Tensor]:
-    from perturbdiff.ops.reference import radial  # the kernels' one Python definition
+def joint_kernels() -> tuple[list[str], list[float]]:
+    """SET_DISTANCES as the kernel list and the one bandwidth list of perturbdiff::within_distance
+    (the energy kernel takes none)."""
+    widths = {tuple(b) for _, b in SET_DISTANCES.values() if b is not None}
+    assert len(widths) <= 1, "within_distance takes one bandwidth list for all kernels"
+    return [k for k, _ in SET_DISTANCES.values()], list(widths.pop()) if widths else []
 
-    out: dict[str, list[torch.Tensor]] = {key: [] for key in SET_DISTANCES}
-    for x, y in zip(pred_sets, real_sets):
-        gxx, gyy = gram(x), gram(y)
-        sq_x, sq_y = gxx.diagonal().clone(), gyy.diagonal().clone()
-        d = (_squared_distances(sq_x, sq_x, gxx), _squared_distances(sq_y, sq_y, gyy),
-             _squared_distances(sq_x, sq_y, gram(x, y)))
-        for key, (kernel, bandwidths) in SET_DISTANCES.items():
-            kxx, kyy, kxy = (radial(kernel, di, bandwidths).mean() for di in d)
-            out[key].append(kxx + kyy - 2 * kxy)
-    return {key: torch.stack(v) for key, v in out.items()}
+
+def from_kernel_means(means: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SET_DISTANCES from the kernel means [K, 3, P] within the predicted cells, within the real
+    ones and between them (``joint_kernels`` order): the biased MMD^2 k_xx + k_yy - 2 k_xy."""
+    return {key: m[0] + m[1] - 2 * m[2] for key, m in zip(SET_DISTANCES, means)}

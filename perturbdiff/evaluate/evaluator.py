@@ -43,14 +43,14 @@ from tqdm.auto import tqdm
 from . import catalog, sparse_gram
 from .aggregate import describe
 from .de_metrics import de_metrics, de_spearman_sig
-from .distribution import (SET_DISTANCES, energy_to_control, mean_pairwise_distance,
+from .distribution import (SET_DISTANCES, energy_from_terms, energy_to_control,
+                           from_kernel_means, joint_kernels, mean_pairwise_distance,
                            pred_real_distances)
 from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
 from .ranking import masked_pearson
-from .sparse_gram import (SplitCells, dense_genes, density, split_distance_to, split_gram,
-                          split_within)
+from .sparse_gram import SplitCells, dense_genes, density, split_distance_to, split_within
 from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
                        rank_sum_test_sparse, sort_control, sparse_kernel_available)
 
@@ -198,6 +198,36 @@ class _Block:
         return benjamini_hochberg(rank_sum_test(cells, seg, len(self.offsets) - 1, ctrl)[1])
 
 
+def _joint_sparse(pred: _Block, real: _Block, split: np.ndarray, pred_ctrl: _Control,
+                  real_ctrl: _Control, need_edist: bool) -> dict[str, torch.Tensor]:
+    """The set distances (and e-distances) of sparse cells: each perturbation's predicted and
+    real cells become the two parts of one segment of a joint block, so that one
+    perturbdiff::within_distance call yields both files' E|x-x'| and the kernel means within and
+    between the parts, each Gram entry computed once."""
+    pairs = zip(pred.offsets[:-1], pred.offsets[1:], real.offsets[:-1], real.offsets[1:])
+    joint = SplitCells.split(sp.vstack([part for a, b, c, d in pairs
+                                        for part in (pred.x[a:b], real.x[c:d])], format="csr"),
+                             split)
+    n_pred, n_real = np.diff(pred.offsets), np.diff(real.offsets)
+    offsets = np.concatenate([[0], np.cumsum(n_pred + n_real)])
+    cut = offsets[:-1] + n_pred
+    distance, sq, means = split_within(joint, offsets, cut, *joint_kernels())
+    out = from_kernel_means(means)
+    if need_edist:
+        # the joint rows of each file, in its block's order
+        is_pred = np.repeat(np.tile([True, False], len(n_pred)), np.ravel([n_pred, n_real], "F"))
+        rows = np.arange(offsets[-1])
+        to_ctrl = {}  # by control object: the files' controls are usually the same cells
+        for key, ctrl, within_d, block, mine in (
+                ("_edist_pred", pred_ctrl, distance[0], pred, rows[is_pred]),
+                ("_edist_real", real_ctrl, distance[1], real, rows[~is_pred])):
+            if id(ctrl) not in to_ctrl:
+                to_ctrl[id(ctrl)] = split_distance_to(joint, sq, ctrl.split, ctrl.sq_norms)
+            out[key] = energy_from_terms(within_d, to_ctrl[id(ctrl)][torch.from_numpy(mine)],
+                                         block.offsets, ctrl.self_distance)
+    return out
+
+
 def _side(x, rows, ctrl_rows, ctrl: _Control, device, dtype) -> _Side:
     means = torch.from_numpy(group_means(x, [ctrl_rows] + rows)).to(device, dtype)
     return _Side(x=x, rows=rows, means=means[1:], ctrl_mean=means[0], ctrl=ctrl)
@@ -256,7 +286,7 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 real_dense = r.dense(real_blk, device, dtype)
                 pred_dense = p.dense(pred_blk, device, dtype)
                 real_cells, pred_cells = real_dense[0], pred_dense[0]
-            if sparse_cells:
+            if sparse_cells and not need_sets:
                 real_cells = SplitCells.split(real_blk.x, split_r)
                 pred_cells = SplitCells.split(pred_blk.x, split_p)
             out: dict[str, torch.Tensor] = {}
@@ -265,12 +295,15 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 fdr_p = pred_blk.de_fdr(pred_dense, p.ctrl.sorted, sparse_de)
                 out.update(de_metrics(fdr_r, log2_fold_change(r.means[a:b], r.ctrl_mean),
                                       fdr_p, log2_fold_change(p.means[a:b], p.ctrl_mean)))
-            if need_edist:
-                out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets)
-                out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets)
-            if need_sets:
-                out.update(pred_real_distances(pred_blk.sets(pred_cells), real_blk.sets(real_cells),
-                                               split_gram if sparse_cells else None))
+            if sparse_cells and need_sets:  # both files' products in one pass
+                out.update(_joint_sparse(pred_blk, real_blk, split_r, p.ctrl, r.ctrl, need_edist))
+            else:
+                if need_edist:
+                    out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets)
+                    out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets)
+                if need_sets:
+                    out.update(pred_real_distances(pred_blk.sets(pred_cells),
+                                                   real_blk.sets(real_cells)))
             for k, v in out.items():
                 chunk_cols.setdefault(k, []).append(v.detach())
             bar.update(b - a)

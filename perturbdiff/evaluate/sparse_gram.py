@@ -1,14 +1,16 @@
-"""X Y^T for sparse cells, the product behind the evaluator's Euclidean distances.
+"""Euclidean distances (and radial kernels) between sparse cells: the evaluator's e-distance and
+set distances on CPU.
 
 log1p expression is mostly zeros (a few percent stored at 2,000 to 18,000 genes), so a dense
-GEMM spends most of its multiply-adds on zeros. The product is a sum over genes, and each gene
-goes where it is cheaper: through perturbdiff::csr_mm (Gustavson's sparse product, cost
+GEMM spends most of its multiply-adds on zeros. The products X Y^T behind the distances are sums
+over genes, and each gene goes where it is cheaper: through Gustavson's sparse product (cost
 ~ nnz_x(g) nnz_y(g) scattered multiply-adds) or, for genes stored in a large fraction of both
-sides' cells, through torch's dense GEMM on those columns (cost ~ n_x n_y multiply-adds at full
-SIMD rate). ``SplitCells`` holds cells split that way once, so that the many products of a
-context (each perturbation with itself, all of them with the controls) reuse the split; the
-products behind the e-distance are reduced to distances inside the kernels (``split_within``,
-``split_distance_to``). Values equal the dense product's to rounding (float64).
+sides' cells, through a dense GEMM on those columns (cost ~ n_x n_y multiply-adds at full SIMD
+rate). ``SplitCells`` holds cells split that way once, so that the many products of a context
+(each perturbation with itself, all of them with the controls) reuse the split. The compiled
+kernels (``split_within``: pairs within segments, ``split_distance_to``: every cell against a
+reference set) reduce each block of products to distances in cache and never hand the products
+back. Values equal the dense computation's to rounding (float64).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from .._extension import has_kernel
 # GEMM (2-core Zen 4, float64, 18,080 genes; the total time changes by under 10 % between 10
 # and 50). Gene g goes dense when density_x(g) density_y(g) SPARSE_COST > 1.
 SPARSE_COST = 25.0
-KERNELS = ("csr_mm", "within_distance", "distance_to", "split_columns")  # the compiled CPU ops this module calls
+KERNELS = ("within_distance", "distance_to", "split_columns")  # the compiled CPU ops this module calls
 DENSITY_ROWS = 2048  # cells a density is estimated from: it steers the cost only, never a value
 
 
 def available() -> bool:
-    """Whether this build has every kernel of this module (an older one may lack the newest)."""
-    return all(has_kernel(op) for op in KERNELS)
+    """Whether this build has every kernel of this module as called here (an older one may lack
+    the newest, or take within_distance's earlier arguments)."""
+    return (all(has_kernel(op) for op in KERNELS) and "split" in
+            [a.name for a in torch.ops.perturbdiff.within_distance.default._schema.arguments])
 
 
 def density(x: sp.spmatrix, rows: int = DENSITY_ROWS) -> np.ndarray:
@@ -88,29 +92,23 @@ def _csr_parts(m: sp.csr_matrix, index: np.dtype) -> list[torch.Tensor]:
             for arr, dt in ((m.indptr, index), (m.indices, index), (m.data, np.float64))]
 
 
-def _csr_mm(a: sp.csr_matrix, b: sp.csr_matrix) -> torch.Tensor:
-    """a @ b (both CSR) as a dense tensor, through the compiled kernel."""
-    index = np.promote_types(a.indices.dtype, b.indices.dtype)
-    return torch.ops.perturbdiff.csr_mm(*_csr_parts(a, index), *_csr_parts(b, index), b.shape[1])
-
-
-def split_gram(x: SplitCells, y: SplitCells | None = None) -> torch.Tensor:
-    """``x @ y.T`` (``x @ x.T`` when y is None) as a dense float64 tensor ``[n_x, n_y]``; both
-    split on the same genes."""
-    y = x if y is None else y
-    if x.dense_genes is not y.dense_genes and not np.array_equal(x.dense_genes, y.dense_genes):
-        raise ValueError("split_gram: x and y are split on different genes")
-    return _csr_mm(x.sparse, y.sparse_t).add_(x.dense @ y.dense.T)
-
-
-def split_within(x: SplitCells, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+def split_within(x: SplitCells, offsets, split=None, kernels: tuple[str, ...] = (),
+                 bandwidths: tuple[float, ...] = ()) -> tuple[torch.Tensor, ...]:
     """The mean Euclidean distance over the pairs of rows within each segment
     offsets[i]:offsets[i + 1] of ``x`` (self-pairs included, as 0) and every row's squared norm:
     all segments in one call of perturbdiff::within_distance, which computes each segment's Gram
-    matrix (upper triangle) and distances without handing them back."""
-    offsets = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
-    return torch.ops.perturbdiff.within_distance(*_csr_parts(x.sparse, x.sparse.indices.dtype), x.dense,
-                                                 offsets, x.shape[1])
+    matrix (upper triangle) and distances without handing them back.
+
+    With ``split`` (one row per segment), each segment is two parts, rows before ``split[i]``
+    and from it: the distances come per part ``[2, S]``, followed by the means of ``kernels``
+    (``ops.reference.radial``'s, with ``bandwidths``) over the pairs within each part and
+    between them, ``[K, 3, S]``."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    cut = offsets[1:] if split is None else np.asarray(split, dtype=np.int64)
+    distance, sq, kernel_means = torch.ops.perturbdiff.within_distance(
+        *_csr_parts(x.sparse, x.sparse.indices.dtype), x.dense, torch.from_numpy(offsets),
+        torch.from_numpy(cut), x.shape[1], list(kernels), [float(b) for b in bandwidths])
+    return (distance[0], sq) if split is None else (distance, sq, kernel_means)
 
 
 def split_distance_to(x: SplitCells, sq: torch.Tensor, ref: SplitCells, ref_sq: torch.Tensor

@@ -67,10 +67,6 @@ def _register_op_meta() -> None:
         shape = (seg_start.shape[0] - 1, ctrl_sorted.shape[0])
         return ctrl_sorted.new_empty(shape), ctrl_sorted.new_empty(shape)
 
-    @_fake("csr_mm")
-    def _(a_ptr, a_idx, a_val, b_ptr, b_idx, b_val, m):
-        return a_val.new_empty(a_ptr.shape[0] - 1, m)
-
     @_fake("split_columns")
     def _(ptr, idx, val, position, dense_cols):
         kept = torch.library.get_ctx().new_dynamic_size()
@@ -82,8 +78,10 @@ def _register_op_meta() -> None:
         return val.new_empty(ptr.shape[0] - 1)
 
     @_fake("within_distance")
-    def _(ptr, idx, val, dense, offsets, cols):
-        return val.new_empty(offsets.shape[0] - 1), val.new_empty(ptr.shape[0] - 1)
+    def _(ptr, idx, val, dense, offsets, split, cols, kernels, bandwidths):
+        segments = offsets.shape[0] - 1
+        return (val.new_empty(2, segments), val.new_empty(ptr.shape[0] - 1),
+                val.new_empty(len(kernels), 3, segments))
 
     @_fake("kme")
     def _(x, xw, z, center, kernel, bandwidths):
