@@ -29,7 +29,7 @@ from .._extension import has_kernel
 # and 50). Gene g goes dense when density_x(g) density_y(g) SPARSE_COST > 1.
 SPARSE_COST = 25.0
 KERNELS = ("within_distance", "distance_to", "split_columns")  # the compiled CPU ops this module calls
-DENSITY_ROWS = 2048  # cells a density is estimated from: it steers the cost only, never a value
+DENSITY_ROWS = 1024  # cells a density is estimated from: it steers the cost only, never a value
 
 
 def available() -> bool:
@@ -45,7 +45,8 @@ def density(x: sp.spmatrix, rows: int = DENSITY_ROWS) -> np.ndarray:
     x = sp.csr_matrix(x)
     if x.shape[0] > rows:
         x = x[np.linspace(0, x.shape[0] - 1, rows).astype(np.int64)]
-    return np.bincount(x.indices, minlength=x.shape[1]) / max(x.shape[0], 1)
+    counts = torch.bincount(torch.from_numpy(x.indices), minlength=x.shape[1]).numpy()
+    return counts / max(x.shape[0], 1)
 
 
 def dense_genes(density_x: np.ndarray, density_y: np.ndarray) -> np.ndarray:
