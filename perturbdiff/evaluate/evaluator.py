@@ -7,8 +7,10 @@ Design notes and deliberate differences from cell-eval 0.8.2 (values are otherwi
   expression values (cells x genes) per file, densified into one reused buffer per file, or
   ``chunk_elements / 2`` stored values when no metric needs the cells dense.
 * On CPU, sparse cells stay sparse: DE runs through a compiled rank-sum kernel (a column's
-  zeros are one tie run), and the products behind the e-distance and the set distances through
-  a compiled sparse product (``sparse_gram.py``), so the work grows with the stored values.
+  zeros are one tie run), and the e-distance and the set distances through compiled distance
+  kernels (``sparse_gram.py``), so the work grows with the stored values. With the set
+  distances, each perturbation's predicted and real cells form one segment of a joint block
+  whose single pass gives both files' within-perturbation distances and the kernel means.
 * The control cells of a context are prepared once (split or dense for the e-distance, sorted
   per gene for DE), for both files when the prediction carries the real controls.
 * DE is pdex's: Mann-Whitney U per gene vs the control cells (tie-corrected normal
