@@ -84,6 +84,18 @@ void add_sparse_block(Columns<scalar_t>& c, const index_t* rp, const index_t* id
   }
 }
 
+// Squared norm of a dense row, in four running sums (independent chains the CPU overlaps), without
+// the [n, d] temporary of dense.square().sum(1).
+template <typename scalar_t>
+scalar_t dense_square(const scalar_t* row, int64_t d) {
+  scalar_t part[4] = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 4 <= d; j += 4)
+    for (int lane = 0; lane < 4; ++lane) part[lane] += row[j + lane] * row[j + lane];
+  for (; j < d; ++j) part[0] += row[j] * row[j];
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // Squared norm of each row's sparse part; `scratch` [cols] holds 0 on entry and exit.
 template <typename scalar_t, typename index_t>
 scalar_t sparse_square(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t p,
@@ -183,11 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
       scalar_t* sqp = sq.data_ptr<scalar_t>();
       const bool has_dense = dense.size(1) > 0;
       // Squared norms: the Gram diagonal.
-      const at::Tensor dense_sq = has_dense ? dense.square().sum(1) : at::zeros({n}, dense.options());
-      const scalar_t* dsq = dense_sq.data_ptr<scalar_t>();
+      const int64_t d_cols = dense.size(1);
+      const scalar_t* dense_p = dense.data_ptr<scalar_t>();
       at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
         std::vector<scalar_t> scratch(cols, scalar_t(0));
-        for (int64_t p = r0; p < r1; ++p) sqp[p] = dsq[p] + sparse_square(pp, ip, vp, p, scratch);
+        for (int64_t p = r0; p < r1; ++p)
+          sqp[p] = dense_square(dense_p + p * d_cols, d_cols) + sparse_square(pp, ip, vp, p, scratch);
       });
       // Blocks of rows within segments.
       std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> blocks;  // (row0, row1, split, segment end)
