@@ -61,8 +61,8 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
     check_csr("distance_to", "the cells' sparse part", pp, n, ip, idx.size(0), cols);
     check_csr("distance_to", "the reference's transposed sparse part", rpp, cols, rip, ref_idx.size(0), m);
     AT_DISPATCH_FLOATING_TYPES(type, "distance_to", [&] {
-      const scalar_t *vp = val.data_ptr<scalar_t>(), *rvp = ref_val.data_ptr<scalar_t>(), *sqp = sq.data_ptr<scalar_t>(),
-                     *rsq = ref_sq.data_ptr<scalar_t>();
+      const scalar_t *vp = val.data_ptr<scalar_t>(), *rvp = ref_val.data_ptr<scalar_t>();
+      const scalar_t *sqp = sq.data_ptr<scalar_t>(), *rsq = ref_sq.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, n, kBlockRows, [&](int64_t begin, int64_t end) {
         for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {

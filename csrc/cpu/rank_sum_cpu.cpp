@@ -108,7 +108,8 @@ inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zer
   const double *negative = c, *positive = c + lo0 + tc0, *end = c + n_ctrl;
   if (buf.size() <= RepeatCheck::kMaxValues && !repeats.has_repeat(buf)) {
     for (const double v : buf) {  // t_x = 1 for every value
-      const double* lo = v > 0.0 ? lower_bound_branchless(positive, end, v) : lower_bound_branchless(negative, c + lo0, v);
+      const double* lo = v > 0.0 ? lower_bound_branchless(positive, end, v)
+                                 : lower_bound_branchless(negative, c + lo0, v);
       const double* hi = lo;
       while (hi < end && *hi == v) ++hi;
       const double tc = static_cast<double>(hi - lo);

@@ -253,7 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
           for (int64_t p = from; p < to; ++p) total += sums[p];
           return total;
         };
-        const auto mean = [&](double total, double pairs) { return static_cast<scalar_t>(pairs > 0 ? total / pairs : nan); };
+        const auto mean = [&](double total, double pairs) {
+          return static_cast<scalar_t>(pairs > 0 ? total / pairs : nan);
+        };
         dp[s] = mean(2.0 * part_sum(row_distance.data(), off[s], mid[s]), nx * nx);
         dp[segments + s] = mean(2.0 * part_sum(row_distance.data(), mid[s], off[s + 1]), ny * ny);
         for (int64_t k = 0; k < K; ++k) {
