@@ -25,11 +25,15 @@ def has_extension() -> bool:
     return _ERROR is None
 
 
-def has_kernel(op: str, dispatch_key: str = "CPU") -> bool:
-    """Whether the extension registered a ``dispatch_key`` kernel for ``perturbdiff::<op>`` (an
-    older build may lack the op altogether)."""
-    return (_ERROR is None and hasattr(torch.ops.perturbdiff, op)
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"perturbdiff::{op}", dispatch_key))
+def has_kernel(op: str, dispatch_key: str = "CPU", args: tuple[str, ...] = ()) -> bool:
+    """Whether the extension registered a ``dispatch_key`` kernel for ``perturbdiff::<op>`` whose
+    schema names every argument in ``args`` (a build older than the sources may lack the op
+    altogether, or define it with earlier arguments)."""
+    if not (_ERROR is None and hasattr(torch.ops.perturbdiff, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"perturbdiff::{op}", dispatch_key)):
+        return False
+    names = {a.name for a in getattr(torch.ops.perturbdiff, op).default._schema.arguments}
+    return set(args) <= names
 
 
 def extension_error():

@@ -146,3 +146,15 @@ def test_fakes_are_skipped_for_ops_a_build_lacks():
     assert _fake("no_such_op")(fn) is fn
     with pytest.raises(RuntimeError, match="does not exist"):
         torch.library.register_fake("perturbdiff::no_such_op")(fn)
+
+
+@needs_extension
+def test_has_kernel_checks_the_arguments_a_caller_needs():
+    """A build whose op predates the sources' arguments reads as lacking the kernel, so callers
+    fall back instead of passing arguments it would misread."""
+    from perturbdiff._extension import has_kernel
+
+    assert has_kernel("within_distance", args=("split", "kernels"))
+    assert has_kernel("rank_sum", args=("row_ptr",))
+    assert not has_kernel("rank_sum", args=("col_ptr",))  # the CSC kernel of earlier builds
+    assert not has_kernel("no_such_op")

@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 
-from perturbdiff._extension import has_kernel
 from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
 from perturbdiff.evaluate.inputs import load_anndata
 from perturbdiff.evaluate.baselines import make_baseline
@@ -27,7 +26,8 @@ from perturbdiff.evaluate.ranking import (average_precision_rows, masked_average
                                           masked_spearman, roc_auc_rows)
 from perturbdiff.evaluate.report import write_report
 from perturbdiff.evaluate.wilcoxon import (benjamini_hochberg, log2_fold_change, rank_sum_test,
-                                           rank_sum_test_sparse, sort_control)
+                                           rank_sum_test_sparse, sort_control,
+                                           sparse_kernel_available)
 
 small_ints = st.lists(st.integers(0, 4), min_size=1, max_size=25)
 
@@ -48,7 +48,7 @@ def test_rank_sum_matches_scipy(ctrl, a, b):
         assert p[i, 0].item() == pytest.approx(ref.pvalue, abs=1e-12)
 
 
-needs_sparse_kernel = pytest.mark.skipif(not has_kernel("rank_sum"), reason="perturbdiff._C not built")
+needs_sparse_kernel = pytest.mark.skipif(not sparse_kernel_available(), reason="perturbdiff._C not built")
 
 
 @needs_sparse_kernel

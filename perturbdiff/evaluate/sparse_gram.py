@@ -28,15 +28,15 @@ from .._extension import has_kernel
 # GEMM (2-core Zen 4, float64, 18,080 genes; the total time changes by under 10 % between 10
 # and 50). Gene g goes dense when density_x(g) density_y(g) SPARSE_COST > 1.
 SPARSE_COST = 25.0
-KERNELS = ("within_distance", "distance_to", "split_columns")  # the compiled CPU ops this module calls
+# The compiled CPU ops this module calls, with the arguments an older build's may lack.
+KERNELS = {"within_distance": ("split",), "distance_to": (), "split_columns": ()}
 DENSITY_ROWS = 1024  # cells a density is estimated from: it steers the cost only, never a value
 
 
 def available() -> bool:
     """Whether this build has every kernel of this module as called here (an older one may lack
     the newest, or take within_distance's earlier arguments)."""
-    return (all(has_kernel(op) for op in KERNELS) and "split" in
-            [a.name for a in torch.ops.perturbdiff.within_distance.default._schema.arguments])
+    return all(has_kernel(op, args=args) for op, args in KERNELS.items())
 
 
 def density(x: sp.spmatrix, rows: int = DENSITY_ROWS) -> np.ndarray:
