@@ -45,6 +45,12 @@ void add_product_row(const index_t* a_ptr, const index_t* a_idx, const scalar_t*
   }
 }
 
+// a @ b^T as a contiguous [rows of a, rows of b] tensor: a block's products over the dense genes, or
+// zeros when there are none (to which the sparse products are then added).
+inline at::Tensor dense_gram(const at::Tensor& a, const at::Tensor& b) {
+  return a.size(1) > 0 ? at::mm(a, b.t()).contiguous() : at::zeros({a.size(0), b.size(0)}, a.options());
+}
+
 // |p - q|^2 from the Gram entry p.q and the squared norms: the norm expansion
 // max((-2 p.q + |p|^2) + |q|^2, 0) of evaluate/distribution.py.
 template <typename scalar_t>

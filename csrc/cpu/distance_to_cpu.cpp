@@ -53,7 +53,6 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
                    ref_idx = ref_idx_.contiguous(), ref_val = ref_val_.contiguous(),
                    ref_dense = ref_dense_.contiguous(), ref_sq = ref_sq_.contiguous();
   at::Tensor out = at::empty({n}, val.options());
-  const bool has_dense = dense.size(1) > 0;
 
   AT_DISPATCH_INDEX_TYPES(index_type, "distance_to", [&] {
     const index_t *pp = ptr.data_ptr<index_t>(), *ip = idx.data_ptr<index_t>(), *rpp = ref_ptr.data_ptr<index_t>(),
@@ -67,8 +66,7 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
       at::parallel_for(0, n, kBlockRows, [&](int64_t begin, int64_t end) {
         for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
           const int64_t rows = std::min(kBlockRows, end - r0);
-          at::Tensor gram = has_dense ? at::mm(dense.narrow(0, r0, rows), ref_dense.t()).contiguous()
-                                      : at::zeros({rows, m}, val.options());
+          at::Tensor gram = dense_gram(dense.narrow(0, r0, rows), ref_dense);
           scalar_t* g = gram.data_ptr<scalar_t>();
           for (int64_t p = r0; p < r0 + rows; ++p) {
             scalar_t* row = g + (p - r0) * m;

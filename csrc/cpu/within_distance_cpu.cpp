@@ -193,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
       const KernelSums<scalar_t> ks(kinds, bandwidths);
       const scalar_t* vp = val.data_ptr<scalar_t>();
       scalar_t* sqp = sq.data_ptr<scalar_t>();
-      const bool has_dense = dense.size(1) > 0;
       // Squared norms: the Gram diagonal.
       const int64_t d_cols = dense.size(1);
       const scalar_t* dense_p = dense.data_ptr<scalar_t>();
@@ -223,9 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
         for (int64_t b = next++; b < n_blocks; b = next++) {
           const auto [r0, r1, m, end] = blocks[b];
           const int64_t width = end - r0;  // columns q in [r0, end)
-          at::Tensor gram = has_dense ? at::mm(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width).t())
-                                            .contiguous()
-                                      : at::zeros({r1 - r0, width}, dense.options());
+          at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width));
           scalar_t* g = gram.data_ptr<scalar_t>();
           columns.build(pp, ip, vp, r0, end);
           add_sparse_block(columns, pp, ip, vp, r0, r1, end, g);
