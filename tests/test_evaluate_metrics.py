@@ -122,6 +122,8 @@ def test_rank_sum_op_opcheck():
         torch.ops.perturbdiff.rank_sum(*args[:4], ctrl[:3])  # fewer control genes than columns
     with pytest.raises(ValueError, match="seg_start must run from 0 to the number of cells"):
         torch.ops.perturbdiff.rank_sum(*args[:3], torch.tensor([0, 5, 19]), ctrl)
+    with pytest.raises(ValueError, match="seg_start decrease at segment 1"):
+        torch.ops.perturbdiff.rank_sum(*args[:3], torch.tensor([0, 6, 5, 20]), ctrl)
     unsorted = args[1].clone()
     row = int(np.argmax(np.diff(cells.indptr) > 1))  # a row with two stored values
     unsorted[cells.indptr[row]:cells.indptr[row] + 2] = unsorted[cells.indptr[row]:cells.indptr[row] + 2].flip(0)

@@ -24,6 +24,15 @@ void check_csr(const char* op, const char* name, const index_t* ptr, int64_t row
                     nnz ? *hi : 0, "]");
 }
 
+// Raises unless the segment bounds off[0..segments] (the argument `name`) run from 0 to n without
+// decreasing.
+inline void check_segments(const char* op, const char* name, const int64_t* off, int64_t segments, int64_t n) {
+  TORCH_CHECK_VALUE(off[0] == 0 && off[segments] == n, op, ": ", name, " must run from 0 to the number of cells (",
+                    n, "), got ", off[0], " to ", off[segments]);
+  for (int64_t s = 0; s < segments; ++s)
+    TORCH_CHECK_VALUE(off[s] <= off[s + 1], op, ": ", name, " decrease at segment ", s);
+}
+
 // The index dtype shared by all of `indices` (int32 or int64), else a TypeError naming `op`.
 inline at::ScalarType csr_index_type(const char* op, std::initializer_list<const at::Tensor*> indices) {
   const auto type = (*indices.begin())->scalar_type();

@@ -157,10 +157,7 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
   const int64_t G = ctrl.size(0), n_ctrl = ctrl.size(1), P = ss.size(0) - 1, n = rp_t.size(0) - 1;
   TORCH_CHECK_VALUE(P >= 0, "rank_sum: seg_start needs at least one entry");
   const int64_t* ssp = ss.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(ssp[0] == 0 && ssp[P] == n, "rank_sum: seg_start must run from 0 to the number of cells (",
-                    n, "), got ", ssp[0], " to ", ssp[P]);
-  for (int64_t s = 0; s < P; ++s)
-    TORCH_CHECK_VALUE(ssp[s] <= ssp[s + 1], "rank_sum: seg_start decreases at segment ", s);
+  check_segments("rank_sum", "seg_start", ssp, P, n);
   at::Tensor u1 = at::zeros({P, G}, ctrl.options()), tie = at::zeros({P, G}, ctrl.options());
   const double *vp = val.data_ptr<double>(), *ctrl_p = ctrl.data_ptr<double>();
   double *u1p = u1.data_ptr<double>(), *tiep = tie.data_ptr<double>();

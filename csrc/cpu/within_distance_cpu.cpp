@@ -172,10 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
   TORCH_CHECK_VALUE(split.size(0) == segments, "within_distance: split must hold one row per segment (",
                     segments, "), got ", split.size(0));
   const int64_t *off = offsets.data_ptr<int64_t>(), *mid = split.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[segments] == n, "within_distance: offsets must run from 0 to the ",
-                    "number of cells (", n, "), got ", off[0], " to ", off[segments]);
+  check_segments("within_distance", "offsets", off, segments, n);
   for (int64_t s = 0; s < segments; ++s) {
-    TORCH_CHECK_VALUE(off[s] <= off[s + 1], "within_distance: offsets decrease at segment ", s);
     TORCH_CHECK_VALUE(off[s] <= mid[s] && mid[s] <= off[s + 1], "within_distance: split[", s, "] = ", mid[s],
                       " lies outside its segment [", off[s], ", ", off[s + 1], "]");
   }
