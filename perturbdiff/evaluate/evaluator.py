@@ -188,7 +188,7 @@ class _Block:
     offsets: np.ndarray  # [P + 1]: perturbation i owns rows offsets[i]:offsets[i + 1]
 
     def sets(self, cells) -> list:
-        """Each perturbation's rows of ``cells`` (a dense tensor or ``SplitCells``)."""
+        """Each perturbation's rows of the dense tensor ``cells``."""
         return [cells[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def de_fdr(self, dense, ctrl: SortedControl, sparse: bool) -> torch.Tensor:

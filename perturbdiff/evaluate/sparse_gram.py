@@ -57,7 +57,7 @@ def dense_genes(density_x: np.ndarray, density_y: np.ndarray) -> np.ndarray:
 @dataclass
 class SplitCells:
     """Cells [n, G] as a CSR matrix of the sparse genes (the dense genes' entries removed) and a
-    dense float64 tensor of the dense genes' columns; rows slice like a matrix's."""
+    dense float64 tensor of the dense genes' columns."""
 
     sparse: sp.csr_matrix
     dense: torch.Tensor
@@ -76,9 +76,6 @@ class SplitCells:
     @property
     def shape(self) -> tuple[int, int]:
         return self.sparse.shape
-
-    def __getitem__(self, rows: slice) -> "SplitCells":
-        return SplitCells(self.sparse[rows], self.dense[rows], self.dense_genes)
 
     @cached_property
     def sparse_t(self) -> sp.csr_matrix:
