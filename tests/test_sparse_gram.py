@@ -230,6 +230,38 @@ def test_distance_to_matches_cdist(n, m, sparse_genes, dense_genes_, dens, seed,
     np.testing.assert_allclose(out.double().numpy(), ref_mean, rtol=tol, atol=tol)
 
 
+def _shuffle_rows(x, rng):
+    """The same matrix with each row's stored entries in random order (a valid CSR matrix)."""
+    y = x.copy()
+    for a, b in zip(y.indptr[:-1], y.indptr[1:]):
+        order = a + rng.permutation(b - a)
+        y.indices[a:b], y.data[a:b] = y.indices[order], y.data[order]
+    return y
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_distances_over_several_column_tiles(ascending):
+    """Both kernels multiply sparse parts one tile of 512 columns at a time when every row's
+    columns ascend (else all columns at once): 1,300 columns, rows with entries in every tile
+    and rows with none in some, against cdist."""
+    rng = np.random.default_rng(7)
+    x = _random_csr(rng, 300, 1300, 0.02).toarray()
+    x[:40, 500:1100] = 0  # rows with an empty middle tile
+    x = sp.csr_matrix(x)
+    if not ascending:
+        x = _shuffle_rows(x, rng)
+    assert x.has_sorted_indices == ascending
+    d = torch.rand(300, 3, dtype=torch.float64)
+    full = np.hstack([x.toarray(), d.numpy()])
+    offsets = [0, 90, 290, 300]
+    mean, sq = _within(x, d, offsets)
+    np.testing.assert_allclose(mean.numpy(), [cdist(s, s).mean() for s in np.split(full, offsets[1:-1])],
+                               rtol=1e-12)
+    out = _distance_to(x, d, sq, x[:70], d[:70], sq[:70])
+    # (the first 70 cells are in the reference too: sqrt of a rounded 0 costs ~1e-8 absolute)
+    np.testing.assert_allclose(out.numpy(), cdist(full, full[:70]).mean(1), rtol=1e-9, atol=1e-7)
+
+
 def test_distance_to_is_bitwise_reproducible_and_opchecked():
     rng = np.random.default_rng(4)
     x, ref = _random_csr(rng, 300, 60, 0.1, np.int64), _random_csr(rng, 50, 60, 0.2, np.int64)

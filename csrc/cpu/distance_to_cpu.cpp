@@ -5,9 +5,10 @@
 // product), its dense part [m, d] and its squared norms.
 //
 // Blocks of rows: a block's Gram rows against the whole reference are its dense part times the
-// reference's (at::mm) plus the sparse products (Gustavson, into the same rows), reduced at once to
+// reference's (at::mm) plus the sparse products (Gustavson, into the same rows, one column tile of
+// csr.h's after another so that the reference rows a tile reads stay in L2), reduced at once to
 // distance sums by the norm expansion of evaluate/distribution.py; the Gram block (kBlockRows x m)
-// stays in cache and is never handed back. Row sums in double; threads own disjoint rows, so the
+// stays in L2 and is never handed back. Row sums in double; threads own disjoint rows, so the
 // result is bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,7 +23,7 @@
 namespace perturbdiff::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 64;
+constexpr int64_t kBlockRows = 256;
 
 at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const at::Tensor& val_,
                            const at::Tensor& dense_, const at::Tensor& sq_, const at::Tensor& ref_ptr_,
@@ -59,20 +60,24 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
                   *rip = ref_idx.data_ptr<index_t>();
     check_csr("distance_to", "the cells' sparse part", pp, n, ip, idx.size(0), cols);
     check_csr("distance_to", "the reference's transposed sparse part", rpp, cols, rip, ref_idx.size(0), m);
+    const int64_t tile = tile_columns(pp, n, ip, cols);
     AT_DISPATCH_FLOATING_TYPES(type, "distance_to", [&] {
       const scalar_t *vp = val.data_ptr<scalar_t>(), *rvp = ref_val.data_ptr<scalar_t>();
       const scalar_t *sqp = sq.data_ptr<scalar_t>(), *rsq = ref_sq.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, n, kBlockRows, [&](int64_t begin, int64_t end) {
+        RowTiles<index_t> tiles;
         for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-          const int64_t rows = std::min(kBlockRows, end - r0);
-          at::Tensor gram = dense_gram(dense.narrow(0, r0, rows), ref_dense);
+          const int64_t r1 = std::min(r0 + kBlockRows, end);
+          at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), ref_dense);
           scalar_t* g = gram.data_ptr<scalar_t>();
-          for (int64_t p = r0; p < r0 + rows; ++p) {
-            scalar_t* row = g + (p - r0) * m;
-            add_product_row(pp, ip, vp, p, rpp, rip, rvp, row);
-            op[p] = static_cast<scalar_t>(m > 0 ? distance_sum(row, sqp[p], rsq, m) / static_cast<double>(m)
-                                                : std::nan(""));
+          tiles.start(pp, ip, r0, r1);
+          for (int64_t g0 = 0; g0 < cols; g0 += tile)
+            for (int64_t p = r0; p < r1; ++p)
+              add_product_row(ip, vp, tiles.take(p, g0 + tile), rpp, rip, rvp, g + (p - r0) * m);
+          for (int64_t p = r0; p < r1; ++p) {
+            const double total = distance_sum(g + (p - r0) * m, sqp[p], rsq, m);
+            op[p] = static_cast<scalar_t>(m > 0 ? total / static_cast<double>(m) : std::nan(""));
           }
         }
       });

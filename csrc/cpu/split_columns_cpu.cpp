@@ -9,12 +9,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "cpu/csr.h"
 
 namespace perturbdiff::cpu {
 namespace {
+
+// Rows per task: a block of the evaluator (hundreds of cells) still splits across threads.
+constexpr int64_t kGrainRows = 64;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_columns_cpu(
     const at::Tensor& ptr_, const at::Tensor& idx_, const at::Tensor& val_, const at::Tensor& position_,
@@ -36,14 +40,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_columns_cpu(
                       " is not below dense_cols (", dense_cols, ")");
 
   at::Tensor out_ptr = at::empty({n + 1}, ptr.options());
-  at::Tensor dense = at::zeros({n, dense_cols}, val.options());
+  at::Tensor dense = at::empty({n, dense_cols}, val.options());  // zeroed row by row by the thread filling it
   at::Tensor out_idx, out_val;
   AT_DISPATCH_INDEX_TYPES(index_type, "split_columns", [&] {
     const index_t *pp = ptr.data_ptr<index_t>(), *ip = idx.data_ptr<index_t>();
     check_csr("split_columns", "the matrix", pp, n, ip, idx.size(0), cols);
     index_t* op = out_ptr.data_ptr<index_t>();
     op[0] = 0;
-    at::parallel_for(0, n, 1024, [&](int64_t r0, int64_t r1) {  // kept entries per row
+    at::parallel_for(0, n, kGrainRows, [&](int64_t r0, int64_t r1) {  // kept entries per row
       for (int64_t r = r0; r < r1; ++r) {
         index_t kept = 0;
         for (index_t e = pp[r]; e < pp[r + 1]; ++e) kept += pos[ip[e]] < 0;
@@ -57,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_columns_cpu(
     AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "split_columns", [&] {
       const scalar_t* vp = val.data_ptr<scalar_t>();
       scalar_t *ov = out_val.data_ptr<scalar_t>(), *dp = dense.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1024, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, n, kGrainRows, [&](int64_t r0, int64_t r1) {
+        std::fill(dp + r0 * dense_cols, dp + r1 * dense_cols, scalar_t(0));
         for (int64_t r = r0; r < r1; ++r) {
           index_t out = op[r];
           for (index_t e = pp[r]; e < pp[r + 1]; ++e) {

@@ -11,10 +11,11 @@
 // Work is split into blocks of rows of one segment, so that a few large perturbations keep every
 // thread busy too: a block's rows p gather G_pq for q >= p up to the segment's end, the dense part
 // by at::mm and the sparse part by Gustavson's product over a column-major copy of the rows the
-// block needs (small, so it stays in cache; for each stored (k, v) of row p, the stored S[q, k]
-// with q >= p, from a per-column cursor that only moves forward as p does), so only upper
-// triangles are computed and memory is O(block x segment). Squared norms come first, row by row
-// (duplicate column indices in a row add up like the dense matrix's). Distances follow the norm
+// block needs, built one column tile at a time (csr.h's kTileColumns, so that it stays in L2; for
+// each stored (k, v) of row p, the stored S[q, k] with q >= p, from a per-column cursor that only
+// moves forward as p does), so only upper triangles are computed and memory is O(block x segment).
+// Squared norms come first, row by row (duplicate column indices in a row add up like the dense
+// matrix's). Distances follow the norm
 // expansion of evaluate/distribution.py: D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0;
 // each unordered pair counts twice; row sums in double, added per segment in row order
 // (reproducible for any number of threads).
@@ -38,48 +39,60 @@ namespace {
 
 constexpr int64_t kBlockRows = 128;
 
-// Per thread: the stored values of rows [r0, end) column-major (rows ascending within a column),
-// rebuilt for each block, and each column's cursor: its first entry at or after the current row.
-template <typename scalar_t>
-struct Columns {
+// Per thread: the stored values of rows [r0, end) in the columns of one tile [g0, g1), column-major (rows
+// ascending within a column), rebuilt for each tile, and each column's cursor: its first entry at or after
+// the current row.
+template <typename scalar_t, typename index_t>
+struct TileColumns {
   std::vector<int64_t> ptr, cursor, row;
   std::vector<scalar_t> val;
-  explicit Columns(int64_t cols) : ptr(cols + 1), cursor(cols) {}
+  RowTiles<index_t> rows;
+  explicit TileColumns(int64_t tile) : ptr(tile + 1), cursor(tile) {}
 
-  template <typename index_t>
-  void build(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t r0, int64_t end) {
-    const int64_t cols = static_cast<int64_t>(cursor.size());
-    std::fill(ptr.begin(), ptr.end(), 0);
-    for (index_t e = rp[r0]; e < rp[end]; ++e) ++ptr[idx[e] + 1];
-    for (int64_t k = 0; k < cols; ++k) ptr[k + 1] += ptr[k];
-    row.resize(rp[end] - rp[r0]);
+  void build(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t r0, int64_t end, int64_t g0,
+             int64_t g1) {
+    const int64_t width = g1 - g0;
+    std::fill(ptr.begin(), ptr.begin() + width + 1, 0);
+    for (int64_t p = r0; p < end; ++p) {
+      const auto [first, next] = rows.take(p, g1);
+      for (index_t e = first; e < next; ++e) ++ptr[idx[e] - g0 + 1];
+    }
+    for (int64_t k = 0; k < width; ++k) ptr[k + 1] += ptr[k];
+    row.resize(ptr[width]);
     val.resize(row.size());
-    std::copy(ptr.begin(), ptr.end() - 1, cursor.begin());
-    for (int64_t p = r0; p < end; ++p)
-      for (index_t e = rp[p]; e < rp[p + 1]; ++e) {
-        const int64_t slot = cursor[idx[e]]++;
+    std::copy(ptr.begin(), ptr.begin() + width, cursor.begin());
+    for (int64_t p = r0; p < end; ++p) {
+      const auto [first, next] = rows.taken(p);
+      for (index_t e = first; e < next; ++e) {
+        const int64_t slot = cursor[idx[e] - g0]++;
         row[slot] = p;
         val[slot] = v[e];
       }
-    std::copy(ptr.begin(), ptr.end() - 1, cursor.begin());
+    }
+    std::copy(ptr.begin(), ptr.begin() + width, cursor.begin());
   }
 };
 
-// Rows p of [r0, r1) in order (c built for rows [r0, end)): acc row (p - r0) [q - r0] += v * S[q, k]
-// over the stored (k, v) of row p and q in [p, end).
+// acc row (p - r0) [q - r0] += v * S[q, k] over the stored (k, v) of rows p in [r0, r1) and q in [p, end):
+// the sparse part of the block's Gram rows, one column tile at a time.
 template <typename scalar_t, typename index_t>
-void add_sparse_block(Columns<scalar_t>& c, const index_t* rp, const index_t* idx, const scalar_t* v,
-                      int64_t r0, int64_t r1, int64_t end, scalar_t* acc) {
+void add_sparse_block(TileColumns<scalar_t, index_t>& c, const index_t* rp, const index_t* idx, const scalar_t* v,
+                      int64_t cols, int64_t tile, int64_t r0, int64_t r1, int64_t end, scalar_t* acc) {
   const int64_t width = end - r0;
-  for (int64_t p = r0; p < r1; ++p) {
-    scalar_t* a = acc + (p - r0) * width - r0;
-    for (index_t e = rp[p]; e < rp[p + 1]; ++e) {
-      const int64_t k = idx[e];
-      int64_t j = c.cursor[k];
-      while (c.row[j] < p) ++j;  // row p itself stores column k: the loop stops there
-      c.cursor[k] = j;
-      const int64_t stop = c.ptr[k + 1];
-      for (; j < stop; ++j) a[c.row[j]] += v[e] * c.val[j];
+  c.rows.start(rp, idx, r0, end);
+  for (int64_t g0 = 0; g0 < cols; g0 += tile) {
+    c.build(rp, idx, v, r0, end, g0, std::min(cols, g0 + tile));
+    for (int64_t p = r0; p < r1; ++p) {
+      scalar_t* a = acc + (p - r0) * width - r0;
+      const auto [first, next] = c.rows.taken(p);
+      for (index_t e = first; e < next; ++e) {
+        const int64_t k = idx[e] - g0;
+        int64_t j = c.cursor[k];
+        while (c.row[j] < p) ++j;  // row p itself stores column k: the loop stops there
+        c.cursor[k] = j;
+        const int64_t stop = c.ptr[k + 1];
+        for (; j < stop; ++j) a[c.row[j]] += v[e] * c.val[j];
+      }
     }
   }
 }
@@ -187,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
   AT_DISPATCH_INDEX_TYPES(index_type, "within_distance", [&] {
     const index_t *pp = ptr.data_ptr<index_t>(), *ip = idx.data_ptr<index_t>();
     check_csr("within_distance", "the sparse part", pp, n, ip, idx.size(0), cols);
+    const int64_t tile = tile_columns(pp, n, ip, cols);
     AT_DISPATCH_FLOATING_TYPES(val.scalar_type(), "within_distance", [&] {
       const KernelSums<scalar_t> ks(kinds, bandwidths);
       const scalar_t* vp = val.data_ptr<scalar_t>();
@@ -215,15 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
       std::atomic<int64_t> next{0};
       const int64_t n_blocks = static_cast<int64_t>(blocks.size());
       at::parallel_for(0, std::min<int64_t>(n_blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-        Columns<scalar_t> columns(cols);
+        TileColumns<scalar_t, index_t> columns(tile);
         std::vector<scalar_t> d;
         for (int64_t b = next++; b < n_blocks; b = next++) {
           const auto [r0, r1, m, end] = blocks[b];
           const int64_t width = end - r0;  // columns q in [r0, end)
           at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width));
           scalar_t* g = gram.data_ptr<scalar_t>();
-          columns.build(pp, ip, vp, r0, end);
-          add_sparse_block(columns, pp, ip, vp, r0, r1, end, g);
+          add_sparse_block(columns, pp, ip, vp, cols, tile, r0, r1, end, g);
           for (int64_t p = r0; p < r1; ++p) {
             const scalar_t* row = g + (p - r0) * width - r0;  // row[q]: G_pq
             const int64_t own_end = p < m ? m : end;           // q in (p, own_end): p's own part
