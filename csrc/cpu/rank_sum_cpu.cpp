@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -62,6 +63,52 @@ inline const double* lower_bound_branchless(const double* first, const double* l
   return first + (*first < v);
 }
 
+// lower_bound over one gene's sorted positive controls through a bucket table: bucket(v), a clamped
+// linear map of v onto [0, buckets), never decreases as v grows, so every control in a lower bucket than
+// v's is below v and every one in a higher bucket is above it; bisection then runs only within v's
+// bucket (rarely more than one control). Built once per gene, used by every perturbation's values of
+// it: one table lookup and a step or two instead of log2(controls) dependent steps of bisection (the
+// rank-sum at 18,080 genes 0.25 -> 0.16 s on the predicted file, 0.16 -> 0.065 s on the real one).
+class BucketedControls {
+ public:
+  void build(const double* first, const double* last) {
+    first_ = first;
+    last_ = last;
+    const int64_t n = last - first;
+    buckets_ = n >= kMinControls ? kBucketsPerControl * static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(n)))
+                                 : 0;
+    if (buckets_ == 0) return;
+    lo_ = first[0];
+    const double span = last[-1] - lo_;
+    scale_ = span > 0 ? static_cast<double>(buckets_) / span : 0.0;
+    bound_.assign(buckets_ + 1, 0);
+    for (const double* c = first; c < last; ++c) ++bound_[bucket(*c) + 1];
+    for (int64_t b = 0; b < buckets_; ++b) bound_[b + 1] += bound_[b];
+  }
+
+  // First control at or above v (the controls' end if none); for the range given to build().
+  const double* lower_bound(double v) const {
+    if (buckets_ == 0) return lower_bound_branchless(first_, last_, v);
+    const int64_t b = bucket(v);
+    return lower_bound_branchless(first_ + bound_[b], first_ + bound_[b + 1], v);
+  }
+
+ private:
+  static constexpr int64_t kMinControls = 8;  // fewer: plain bisection is as fast
+  static constexpr int64_t kBucketsPerControl = 8;  // times bit_ceil(controls); 1, 2 and 4 were slower
+
+  int64_t bucket(double v) const {
+    const double x = (v - lo_) * scale_;
+    if (!(x > 0.0)) return 0;  // below the first control (or NaN)
+    return x < static_cast<double>(buckets_ - 1) ? static_cast<int64_t>(x) : buckets_ - 1;
+  }
+
+  const double *first_ = nullptr, *last_ = nullptr;
+  double lo_ = 0.0, scale_ = 0.0;
+  int64_t buckets_ = 0;
+  std::vector<int32_t> bound_;
+};
+
 // The values of one perturbation and gene as a set: whether one of them occurs twice. Open
 // addressing on the bits of the values; a generation stamp empties the table in O(1).
 class RepeatCheck {
@@ -99,7 +146,8 @@ class RepeatCheck {
 // tc0 equal to it. Values that occur once (the rule for normalised expression) are ranked one by
 // one by bisection; a group with a repeated value is sorted so that equal values form one run.
 inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zeros, const double* c,
-                                            int64_t n_ctrl, int64_t lo0, int64_t tc0, RepeatCheck& repeats) {
+                                            int64_t n_ctrl, int64_t lo0, int64_t tc0,
+                                            const BucketedControls& positives, RepeatCheck& repeats) {
   double u = 0.0, t = 0.0;
   if (zeros > 0) {
     u += zeros * (lo0 + 0.5 * tc0);
@@ -108,8 +156,7 @@ inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zer
   const double *negative = c, *positive = c + lo0 + tc0, *end = c + n_ctrl;
   if (buf.size() <= RepeatCheck::kMaxValues && !repeats.has_repeat(buf)) {
     for (const double v : buf) {  // t_x = 1 for every value
-      const double* lo = v > 0.0 ? lower_bound_branchless(positive, end, v)
-                                 : lower_bound_branchless(negative, c + lo0, v);
+      const double* lo = v > 0.0 ? positives.lower_bound(v) : lower_bound_branchless(negative, c + lo0, v);
       const double* hi = lo;
       while (hi < end && *hi == v) ++hi;
       const double tc = static_cast<double>(hi - lo);
@@ -173,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
       std::vector<int64_t> start(kTileGenes + 1), row;
       std::vector<double> value, buf;
       RepeatCheck repeats;
+      BucketedControls positives;
       std::vector<const index_t*> cursor(n);  // each row's first entry at or after the tile
       for (int64_t r = 0; r < n; ++r)
         cursor[r] = std::lower_bound(ci + rp[r], ci + rp[r + 1], static_cast<index_t>(begin));
@@ -194,12 +242,14 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
         for (int64_t g = g0, k = 0; g < g1; ++g) {
           const double* c = ctrl_p + g * n_ctrl;
           const auto [lo0, tc0] = control_counts(c, c, n_ctrl, 0.0);
+          positives.build(c + lo0 + tc0, c + n_ctrl);
           for (int64_t s = 0; s < P; ++s) {
             buf.clear();
             for (; k < start[g - g0] && row[k] < ssp[s + 1]; ++k)
               if (value[k] != 0.0) buf.push_back(value[k]);  // stored zeros join the zero run
             const double zeros = static_cast<double>(ssp[s + 1] - ssp[s] - static_cast<int64_t>(buf.size()));
-            std::tie(u1p[s * G + g], tiep[s * G + g]) = rank_stats(buf, zeros, c, n_ctrl, lo0, tc0, repeats);
+            std::tie(u1p[s * G + g], tiep[s * G + g]) = rank_stats(buf, zeros, c, n_ctrl, lo0, tc0, positives,
+                                                                             repeats);
           }
         }
       }
