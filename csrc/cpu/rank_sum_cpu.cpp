@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -212,10 +213,20 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
   AT_DISPATCH_INDEX_TYPES(index_type, "rank_sum", [&] {
     const index_t *rp = rp_t.data_ptr<index_t>(), *ci = ci_t.data_ptr<index_t>();
     check_csr("rank_sum", "the cells", rp, n, ci, ci_t.size(0), G);
-    for (int64_t r = 0; r < n; ++r)  // strictly increasing: each row is walked once, tile by tile
-      for (index_t e = rp[r] + 1; e < rp[r + 1]; ++e)
-        TORCH_CHECK_VALUE(ci[e - 1] < ci[e], "rank_sum: the column indices of row ", r,
-                          " must be strictly increasing (sorted, no duplicates)");
+    std::atomic<int64_t> bad_row{n};  // strictly increasing: each row is walked once, tile by tile
+    at::parallel_for(0, n, kCheckGrain / 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        bool bad = false;
+        for (index_t e = rp[r] + 1; e < rp[r + 1]; ++e) bad |= ci[e - 1] >= ci[e];
+        if (bad) {
+          for (int64_t seen = bad_row.load(); r < seen && !bad_row.compare_exchange_weak(seen, r);) {
+          }
+          return;
+        }
+      }
+    });
+    TORCH_CHECK_VALUE(bad_row == n, "rank_sum: the column indices of row ", bad_row.load(),
+                      " must be strictly increasing (sorted, no duplicates)");
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> start(kTileGenes + 1), row;
       std::vector<double> value, buf;
