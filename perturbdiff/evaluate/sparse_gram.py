@@ -25,9 +25,10 @@ import torch
 from .._extension import has_kernel
 
 # One scattered multiply-add of the sparse kernel costs about this many multiply-adds of a dense
-# GEMM (2-core Zen 4, float64, 18,080 genes; the total time changes by under 10 % between 10
-# and 50). Gene g goes dense when density_x(g) density_y(g) SPARSE_COST > 1.
-SPARSE_COST = 25.0
+# GEMM (2-core Zen 4, float64, the evaluator's warm time at 500 to 18,080 genes: 5 to 10 within
+# 3 % of each other, 25 5-8 % slower since the sparse products go by gene tile). Gene g goes
+# dense when density_x(g) density_y(g) SPARSE_COST > 1.
+SPARSE_COST = 10.0
 # The compiled CPU ops this module calls, with the arguments an older build's may lack.
 KERNELS = {"within_distance": ("split",), "distance_to": (), "split_columns": ()}
 DENSITY_ROWS = 1024  # cells a density is estimated from: it steers the cost only, never a value
