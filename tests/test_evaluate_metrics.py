@@ -168,6 +168,11 @@ def test_ranking_stats_match_scipy_sklearn(rows):
     lab = lab.astype(bool)
     auc = roc_auc_rows(t(lab), t(b))[0].item()
     ap = average_precision_rows(t(lab), t(b))[0].item()
+    # the evaluator's shared sort: the ascending order serves both (ties in b are frequent)
+    ascending = torch.sort(t(b), dim=-1, stable=True).indices
+    assert roc_auc_rows(t(lab), t(b), ascending)[0].item() == pytest.approx(auc, abs=1e-15, nan_ok=True)
+    assert average_precision_rows(t(lab), t(b), ascending)[0].item() == pytest.approx(ap, abs=1e-15,
+                                                                                      nan_ok=True)
     if 0 < lab.sum() < len(lab):
         assert auc == pytest.approx(roc_auc_score(lab, b), abs=1e-12)
         assert ap == pytest.approx(average_precision_score(lab, b), abs=1e-12)

@@ -23,13 +23,15 @@ def run_bounds(new_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return start, end_rev.flip(-1)
 
 
-def masked_average_ranks(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_average_ranks(values: torch.Tensor, mask: torch.Tensor | None = None,
+                         order: torch.Tensor | None = None) -> torch.Tensor:
     """1-based average ranks of ``values`` within each row, counting only ``mask`` entries.
 
     Entries outside the mask get rank 0. Equal values (including equal infinities) share
-    the mean of their positions, as ``scipy.stats.rankdata(method="average")``.
+    the mean of their positions, as ``scipy.stats.rankdata(method="average")``. ``order``: the
+    rows' stable ascending sort indices, when the caller has them already.
     """
-    by_value = torch.sort(values, dim=-1, stable=True).indices
+    by_value = torch.sort(values, dim=-1, stable=True).indices if order is None else order
     if mask is None:
         mask, order = torch.ones_like(values, dtype=torch.bool), by_value
     else:  # masked entries first, each block still sorted by value: a stable partition
@@ -71,13 +73,14 @@ def masked_spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None 
     return masked_pearson(masked_average_ranks(a, mask), masked_average_ranks(b, mask), mask)
 
 
-def roc_auc_rows(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def roc_auc_rows(labels: torch.Tensor, scores: torch.Tensor,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
     """ROC AUC per row with tied scores counted half (sklearn ``roc_curve`` + ``auc``).
 
-    NaN where a row's labels are all one class.
+    NaN where a row's labels are all one class. ``order``: as in ``masked_average_ranks``.
     """
     pos = labels.to(scores.dtype if scores.is_floating_point() else torch.float64)
-    ranks = masked_average_ranks(scores).to(torch.float64)
+    ranks = masked_average_ranks(scores, order=order).to(torch.float64)
     n_pos = pos.sum(-1).to(torch.float64)
     n_neg = labels.shape[-1] - n_pos
     rank_sum = (ranks * pos.to(torch.float64)).sum(-1)
@@ -85,12 +88,19 @@ def roc_auc_rows(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.nan)
 
 
-def average_precision_rows(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def average_precision_rows(labels: torch.Tensor, scores: torch.Tensor,
+                           ascending: torch.Tensor | None = None) -> torch.Tensor:
     """Average precision per row (sklearn ``average_precision_score``), ties as one threshold.
 
-    NaN where a row's labels are all one class.
+    NaN where a row's labels are all one class. ``ascending``: the rows' ascending sort indices,
+    when the caller has them already; reversed, they order the scores as well, a run of tied
+    scores counting as one threshold whatever its inner order (not with NaN scores, which
+    compare unequal and so are runs of their own).
     """
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    if ascending is None or bool(torch.isnan(scores).any()):
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    else:
+        order = ascending.flip(-1)
     s = scores.gather(-1, order)
     y = labels.gather(-1, order).to(torch.float64)
     new_run = torch.ones_like(s, dtype=torch.bool)
