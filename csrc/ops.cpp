@@ -55,5 +55,9 @@ TORCH_LIBRARY(perturbdiff, m) {
   // evaluator's split of cells into sparse and dense genes. CPU only.
   m.def("split_columns(Tensor ptr, Tensor idx, Tensor val, Tensor position, int dense_cols) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Per group of rows of a CSR matrix (ptr, idx, val; cols columns), the sum of its rows as a float64
+  // [groups, cols] tensor, group i being rows[offsets[i]:offsets[i + 1]]: the evaluator's pseudobulk
+  // means. CPU only.
+  m.def("group_sums(Tensor ptr, Tensor idx, Tensor val, Tensor rows, Tensor offsets, int cols) -> Tensor");
   m.def("build_info() -> str", &perturbdiff::build_info);
 }

@@ -73,6 +73,10 @@ def _register_op_meta() -> None:
         return (torch.empty_like(ptr), idx.new_empty(kept), val.new_empty(kept),
                 val.new_empty(ptr.shape[0] - 1, dense_cols))
 
+    @_fake("group_sums")
+    def _(ptr, idx, val, rows, offsets, cols):
+        return val.new_empty(offsets.shape[0] - 1, cols, dtype=torch.float64)
+
     @_fake("distance_to")
     def _(ptr, idx, val, dense, sq, ref_ptr, ref_idx, ref_val, ref_dense, ref_sq):
         return val.new_empty(ptr.shape[0] - 1)
