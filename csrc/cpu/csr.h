@@ -1,5 +1,6 @@
-// What the evaluator's sparse CPU kernels (within_distance, distance_to, split_columns, rank_sum) share:
-// CSR argument checks, Gustavson's row product and the Euclidean distances of a Gram row.
+// What the evaluator's sparse CPU kernels (within_distance, distance_to, split_columns, rank_sum,
+// group_sums) share: CSR argument checks, column tiles, Gustavson's row product and the Euclidean
+// distances of a Gram row.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -65,10 +66,14 @@ constexpr int64_t kTileColumns = 512;
 // column tile one run of its entries.
 template <typename index_t>
 bool rows_ascending(const index_t* ptr, int64_t rows, const index_t* idx) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (index_t e = ptr[r] + 1; e < ptr[r + 1]; ++e)
-      if (idx[e] < idx[e - 1]) return false;
-  return true;
+  std::atomic<bool> descends{false};
+  at::parallel_for(0, rows, kCheckGrain / 256, [&](int64_t r0, int64_t r1) {
+    bool down = false;
+    for (int64_t r = r0; r < r1; ++r)
+      for (index_t e = ptr[r] + 1; e < ptr[r + 1]; ++e) down |= idx[e] < idx[e - 1];
+    if (down) descends = true;
+  });
+  return !descends;
 }
 
 // The tile width for a matrix: kTileColumns when its rows ascend, else one tile of all columns.
