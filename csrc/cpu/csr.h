@@ -82,16 +82,21 @@ int64_t tile_columns(const index_t* ptr, int64_t rows, const index_t* idx, int64
   return rows_ascending(ptr, rows, idx) ? kTileColumns : std::max<int64_t>(cols, 1);
 }
 
-// Rows [r0, end) of a CSR matrix walked one column tile after another: take(p, g1) moves row p's cursor
-// past its entries below column g1 and returns them as [first, next); a row's tiles follow each other.
+// Rows [r0, end) of a CSR matrix walked one column tile after another, from column first_col on:
+// take(p, g1) moves row p's cursor past its entries below column g1 and returns them as [first, next); a
+// row's tiles follow each other.
 template <typename index_t>
 class RowTiles {
  public:
-  void start(const index_t* ptr, const index_t* idx, int64_t r0, int64_t end) {
+  void start(const index_t* ptr, const index_t* idx, int64_t r0, int64_t end, int64_t first_col = 0) {
     ptr_ = ptr;
     idx_ = idx;
     r0_ = r0;
     next_.assign(ptr + r0, ptr + end);
+    if (first_col > 0)
+      for (int64_t p = r0; p < end; ++p)
+        next_[p - r0] = static_cast<index_t>(
+            std::lower_bound(idx + ptr[p], idx + ptr[p + 1], static_cast<index_t>(first_col)) - idx);
     first_.resize(next_.size());
   }
   std::pair<index_t, index_t> take(int64_t p, int64_t g1) {
@@ -107,6 +112,40 @@ class RowTiles {
   const index_t *ptr_ = nullptr, *idx_ = nullptr;
   int64_t r0_ = 0;
   std::vector<index_t> first_, next_;
+};
+
+// Per thread: the stored values of rows [r0, end) in the columns of one tile [g0, g1), column-major (rows
+// ascending within a column: column k's are row[ptr[k]:ptr[k + 1]], val[...]), rebuilt for each tile by a
+// counting sort of the rows' entries in it (`rows` walks them), and each column's cursor, reset to ptr.
+template <typename scalar_t, typename index_t>
+struct TileColumns {
+  std::vector<int64_t> ptr, cursor, row;
+  std::vector<scalar_t> val;
+  RowTiles<index_t> rows;
+  explicit TileColumns(int64_t tile) : ptr(tile + 1), cursor(tile) {}
+
+  void build(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t r0, int64_t end, int64_t g0,
+             int64_t g1) {
+    const int64_t width = g1 - g0;
+    std::fill(ptr.begin(), ptr.begin() + width + 1, 0);
+    for (int64_t p = r0; p < end; ++p) {
+      const auto [first, next] = rows.take(p, g1);
+      for (index_t e = first; e < next; ++e) ++ptr[idx[e] - g0 + 1];
+    }
+    for (int64_t k = 0; k < width; ++k) ptr[k + 1] += ptr[k];
+    row.resize(ptr[width]);
+    val.resize(row.size());
+    std::copy(ptr.begin(), ptr.begin() + width, cursor.begin());
+    for (int64_t p = r0; p < end; ++p) {
+      const auto [first, next] = rows.taken(p);
+      for (index_t e = first; e < next; ++e) {
+        const int64_t slot = cursor[idx[e] - g0]++;
+        row[slot] = p;
+        val[slot] = v[e];
+      }
+    }
+    std::copy(ptr.begin(), ptr.begin() + width, cursor.begin());
+  }
 };
 
 // out[j] += sum_k A[r, k] B[k, j] over the stored A[r, k] in entries [first, next) of A's row (Gustavson:

@@ -182,11 +182,6 @@ inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zer
   return {u, t};
 }
 
-// Genes per tile: each thread transposes its genes tile by tile (a counting sort of every row's
-// entries in the tile), so each row is read in runs of several cache lines and the tile's values
-// (about kTileGenes / G of the stored ones) stay in cache while they are ranked.
-constexpr int64_t kTileGenes = 512;
-
 std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                                 const at::Tensor& values, const at::Tensor& seg_start,
                                                 const at::Tensor& ctrl_sorted) {
@@ -228,35 +223,25 @@ std::tuple<at::Tensor, at::Tensor> rank_sum_cpu(const at::Tensor& row_ptr, const
     TORCH_CHECK_VALUE(bad_row == n, "rank_sum: the column indices of row ", bad_row.load(),
                       " must be strictly increasing (sorted, no duplicates)");
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> start(kTileGenes + 1), row;
-      std::vector<double> value, buf;
+      // Each thread transposes its genes one tile of csr.h's at a time, so each row is read in runs of
+      // several cache lines and the tile's values stay in cache while they are ranked.
+      TileColumns<double, index_t> columns(kTileColumns);
+      std::vector<double> buf;
       RepeatCheck repeats;
       BucketedControls positives;
-      std::vector<const index_t*> cursor(n);  // each row's first entry at or after the tile
-      for (int64_t r = 0; r < n; ++r)
-        cursor[r] = std::lower_bound(ci + rp[r], ci + rp[r + 1], static_cast<index_t>(begin));
-      for (int64_t g0 = begin; g0 < end; g0 += kTileGenes) {
-        const int64_t g1 = std::min(g0 + kTileGenes, end);
-        std::fill(start.begin(), start.end(), 0);
-        for (int64_t r = 0; r < n; ++r)
-          for (const index_t* e = cursor[r]; e < ci + rp[r + 1] && *e < g1; ++e) ++start[*e - g0 + 1];
-        for (int64_t k = 0; k < g1 - g0; ++k) start[k + 1] += start[k];
-        row.resize(start[g1 - g0]);
-        value.resize(row.size());
-        for (int64_t r = 0; r < n; ++r)  // rows ascending within each gene: segments are runs
-          for (; cursor[r] < ci + rp[r + 1] && *cursor[r] < g1; ++cursor[r]) {
-            const int64_t slot = start[*cursor[r] - g0]++;
-            row[slot] = r;
-            value[slot] = vp[cursor[r] - ci];
-          }
-        // start[k] now ends gene g0 + k's entries
+      columns.rows.start(rp, ci, 0, n, begin);
+      for (int64_t g0 = begin; g0 < end; g0 += kTileColumns) {
+        const int64_t g1 = std::min(g0 + kTileColumns, end);
+        columns.build(rp, ci, vp, 0, n, g0, g1);  // rows ascend within each gene: segments are runs
+        const std::vector<int64_t>& row = columns.row;
+        const std::vector<double>& value = columns.val;
         for (int64_t g = g0, k = 0; g < g1; ++g) {
           const double* c = ctrl_p + g * n_ctrl;
           const auto [lo0, tc0] = control_counts(c, c, n_ctrl, 0.0);
           positives.build(c + lo0 + tc0, c + n_ctrl);
           for (int64_t s = 0; s < P; ++s) {
             buf.clear();
-            for (; k < start[g - g0] && row[k] < ssp[s + 1]; ++k)
+            for (; k < columns.ptr[g - g0 + 1] && row[k] < ssp[s + 1]; ++k)
               if (value[k] != 0.0) buf.push_back(value[k]);  // stored zeros join the zero run
             const double zeros = static_cast<double>(ssp[s + 1] - ssp[s] - static_cast<int64_t>(buf.size()));
             std::tie(u1p[s * G + g], tiep[s * G + g]) = rank_stats(buf, zeros, c, n_ctrl, lo0, tc0, positives,

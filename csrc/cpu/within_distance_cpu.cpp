@@ -39,40 +39,6 @@ namespace {
 
 constexpr int64_t kBlockRows = 128;
 
-// Per thread: the stored values of rows [r0, end) in the columns of one tile [g0, g1), column-major (rows
-// ascending within a column), rebuilt for each tile, and each column's cursor: its first entry at or after
-// the current row.
-template <typename scalar_t, typename index_t>
-struct TileColumns {
-  std::vector<int64_t> ptr, cursor, row;
-  std::vector<scalar_t> val;
-  RowTiles<index_t> rows;
-  explicit TileColumns(int64_t tile) : ptr(tile + 1), cursor(tile) {}
-
-  void build(const index_t* rp, const index_t* idx, const scalar_t* v, int64_t r0, int64_t end, int64_t g0,
-             int64_t g1) {
-    const int64_t width = g1 - g0;
-    std::fill(ptr.begin(), ptr.begin() + width + 1, 0);
-    for (int64_t p = r0; p < end; ++p) {
-      const auto [first, next] = rows.take(p, g1);
-      for (index_t e = first; e < next; ++e) ++ptr[idx[e] - g0 + 1];
-    }
-    for (int64_t k = 0; k < width; ++k) ptr[k + 1] += ptr[k];
-    row.resize(ptr[width]);
-    val.resize(row.size());
-    std::copy(ptr.begin(), ptr.begin() + width, cursor.begin());
-    for (int64_t p = r0; p < end; ++p) {
-      const auto [first, next] = rows.taken(p);
-      for (index_t e = first; e < next; ++e) {
-        const int64_t slot = cursor[idx[e] - g0]++;
-        row[slot] = p;
-        val[slot] = v[e];
-      }
-    }
-    std::copy(ptr.begin(), ptr.begin() + width, cursor.begin());
-  }
-};
-
 // acc row (p - r0) [q - r0] += v * S[q, k] over the stored (k, v) of rows p in [r0, r1) and q in [p, end):
 // the sparse part of the block's Gram rows, one column tile at a time.
 template <typename scalar_t, typename index_t>
