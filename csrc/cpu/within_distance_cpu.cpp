@@ -15,10 +15,9 @@
 // each stored (k, v) of row p, the stored S[q, k] with q >= p, from a per-column cursor that only
 // moves forward as p does), so only upper triangles are computed and memory is O(block x segment).
 // Squared norms come first, row by row (duplicate column indices in a row add up like the dense
-// matrix's). Distances follow the norm
-// expansion of evaluate/distribution.py: D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0;
-// each unordered pair counts twice; row sums in double, added per segment in row order
-// (reproducible for any number of threads).
+// matrix's). Distances follow the norm expansion of evaluate/distribution.py:
+// D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0; each unordered pair counts twice; row sums
+// in double, added per segment in row order (reproducible for any number of threads).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -24,14 +24,14 @@ def run_bounds(new_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def masked_average_ranks(values: torch.Tensor, mask: torch.Tensor | None = None,
-                         order: torch.Tensor | None = None) -> torch.Tensor:
+                         ascending: torch.Tensor | None = None) -> torch.Tensor:
     """1-based average ranks of ``values`` within each row, counting only ``mask`` entries.
 
     Entries outside the mask get rank 0. Equal values (including equal infinities) share
-    the mean of their positions, as ``scipy.stats.rankdata(method="average")``. ``order``: the
-    rows' stable ascending sort indices, when the caller has them already.
+    the mean of their positions, as ``scipy.stats.rankdata(method="average")``. ``ascending``:
+    the rows' stable ascending sort indices, when the caller has them already.
     """
-    by_value = torch.sort(values, dim=-1, stable=True).indices if order is None else order
+    by_value = torch.sort(values, dim=-1, stable=True).indices if ascending is None else ascending
     if mask is None:
         mask, order = torch.ones_like(values, dtype=torch.bool), by_value
     else:  # masked entries first, each block still sorted by value: a stable partition
@@ -74,13 +74,13 @@ def masked_spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None 
 
 
 def roc_auc_rows(labels: torch.Tensor, scores: torch.Tensor,
-                 order: torch.Tensor | None = None) -> torch.Tensor:
+                 ascending: torch.Tensor | None = None) -> torch.Tensor:
     """ROC AUC per row with tied scores counted half (sklearn ``roc_curve`` + ``auc``).
 
-    NaN where a row's labels are all one class. ``order``: as in ``masked_average_ranks``.
+    NaN where a row's labels are all one class. ``ascending``: as in ``masked_average_ranks``.
     """
     pos = labels.to(scores.dtype if scores.is_floating_point() else torch.float64)
-    ranks = masked_average_ranks(scores, order=order).to(torch.float64)
+    ranks = masked_average_ranks(scores, ascending=ascending).to(torch.float64)
     n_pos = pos.sum(-1).to(torch.float64)
     n_neg = labels.shape[-1] - n_pos
     rank_sum = (ranks * pos.to(torch.float64)).sum(-1)
