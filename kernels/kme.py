@@ -8,15 +8,14 @@ backward reuses ``pairwise._radial_bwd_kernel`` (rows x against columns z, and z
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops.reference import SQRT_CLAMP
 from .pairwise import (KERNEL_IDS, _load_scales, _radial, _raw_sqdist,
-                       bandwidth_coefficients, can_launch, is_low_precision)
+                       bandwidth_coefficients, can_launch, is_low_precision, launcher)
 
 
 @triton.jit
-def _kme_fwd_kernel(x, xw, z, ctr, bw, out, n, Q, G, CLAMP,
+def _kme_fwd_kernel(x, xw, z, ctr, bw, out, n, Q, G, CLAMP: tl.constexpr,
                     KERNEL: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                     LOWP: tl.constexpr):
@@ -41,8 +40,8 @@ def kme_forward(x, xw, z, center, kernel, bandwidths, *, precision, block, block
     out = torch.empty((B, Q), dtype=torch.float32, device=x.device)
     bw = bandwidth_coefficients(kernel, bandwidths, x)
     if can_launch(x):
-        wrap_triton(_kme_fwd_kernel)[(triton.cdiv(Q, block), B)](
-            x, xw, z, center, bw, out, n, Q, G, SQRT_CLAMP,
+        launcher(_kme_fwd_kernel)[(triton.cdiv(Q, block), B)](
+            x, xw, z, center, bw, out, n, Q, G, CLAMP=SQRT_CLAMP,
             KERNEL=KERNEL_IDS[kernel], NB=bw.numel(), BLOCK_N=block, BLOCK_Q=block,
             BLOCK_K=block_k, PRECISION=precision, LOWP=is_low_precision(x))
     return out

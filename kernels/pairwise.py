@@ -83,7 +83,7 @@ def _raw_sqdist(r1, r2, n1, n2, c1, c2, m1, m2, ctr, b, rows, cols, G,
 
 
 @triton.jit
-def _radial(d, bw, CLAMP, KERNEL: tl.constexpr, NB: tl.constexpr):
+def _radial(d, bw, CLAMP: tl.constexpr, KERNEL: tl.constexpr, NB: tl.constexpr):
     """f(D) averaged over the NB per-bandwidth factors in ``bw`` (``bandwidth_coefficients``)."""
     if KERNEL == 3:  # energy: -sqrt(D), sqrt clamped like geomloss
         f = -tl.sqrt(tl.maximum(d, CLAMP))
@@ -103,7 +103,7 @@ def _radial(d, bw, CLAMP, KERNEL: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _radial_grad(d, bw, CLAMP, KERNEL: tl.constexpr, NB: tl.constexpr):
+def _radial_grad(d, bw, CLAMP: tl.constexpr, KERNEL: tl.constexpr, NB: tl.constexpr):
     """f'(D) = df/dD; zero below the sqrt clamp for the energy and Laplacian kernels."""
     r = tl.sqrt(tl.maximum(d, CLAMP))
     dr = tl.where(d >= CLAMP, 0.5 / r, 0.0)  # d sqrt(max(D, clamp)) / dD
@@ -125,7 +125,7 @@ def _radial_grad(d, bw, CLAMP, KERNEL: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _mmd_fwd_kernel(x, y, xw, yw, ctr, bw, part, n, m, G, CLAMP,
+def _mmd_fwd_kernel(x, y, xw, yw, ctr, bw, part, n, m, G, CLAMP: tl.constexpr,
                     KERNEL: tl.constexpr, NB: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
                     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                     LOWP: tl.constexpr):
@@ -166,7 +166,7 @@ def _mmd_fwd_kernel(x, y, xw, yw, ctr, bw, part, n, m, G, CLAMP,
 
 @triton.jit
 def _radial_bwd_kernel(r1, r2, c1, c2, a1, a2, s1, s2, coef, ctr, bw, g1, g2, gw1, gw2,
-                       n1, n2, m1, m2, G, row0, row1, factor_z, factor_w, CLAMP,
+                       n1, n2, m1, m2, G, row0, row1, factor_z, factor_w, CLAMP: tl.constexpr,
                        KERNEL: tl.constexpr, NB: tl.constexpr, SAME: tl.constexpr,
                        EXCLUDE_SELF: tl.constexpr, NEED_Z: tl.constexpr, NEED_W: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -178,6 +178,10 @@ def _radial_bwd_kernel(r1, r2, c1, c2, a1, a2, s1, s2, coef, ctr, bw, g1, g2, gw
     SAME: rows and columns are the same points (self-pairs have D = 0 and no gradient).
     Only rows in [row0, row1) are computed (the ones whose gradient is wanted).
     """
+    # torch.compile passes Python floats as fp64 scalars (a launch from Python, as fp32): fp64 would
+    # spread to W and clash with the fp32 operand of its tl.dot
+    factor_z = tl.cast(factor_z, tl.float32)
+    factor_w = tl.cast(factor_w, tl.float32)
     b = tl.program_id(1)
     rows = row0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = tl.where(rows < row1, rows, n1 + n2)  # past the end of both segments: fully masked
@@ -258,11 +262,17 @@ def bandwidth_coefficients(kernel: str, bandwidths, like):
 def can_launch(t) -> bool:
     """False only while tracing with fake tensors under the interpreter.
 
-    ``wrap_triton`` hands interpreted kernels back unwrapped, so they would read the fake tensors'
+    Interpreted kernels launch as plain Python (``launcher``), so they would read the fake tensors'
     data; the fake implementation needs the output shapes alone, which the body has made by then.
     Compiled kernels always launch: with fake tensors ``wrap_triton`` records them into the graph.
     """
     return not (INTERPRETED and is_fake(t))
+
+
+def launcher(kernel):
+    """What to index with the grid: ``wrap_triton``'s traceable kernel when compiled, the kernel
+    itself when interpreted (torch releases before 2.13 reject interpreted kernels there)."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
 
 
 def is_low_precision(t) -> bool:
@@ -279,8 +289,8 @@ def mmd_block_sums(x, y, xw, yw, center, kernel, bandwidths, exclude_diag, *, pr
     part = torch.empty((B, pairs, 3), dtype=torch.float32, device=x.device)
     bw = bandwidth_coefficients(kernel, bandwidths, x)
     if can_launch(x):
-        wrap_triton(_mmd_fwd_kernel)[(pairs, B)](
-            x, y, xw, yw, center, bw, part, n, m, G, SQRT_CLAMP,
+        launcher(_mmd_fwd_kernel)[(pairs, B)](
+            x, y, xw, yw, center, bw, part, n, m, G, CLAMP=SQRT_CLAMP,
             KERNEL=KERNEL_IDS[kernel], NB=bw.numel(), EXCLUDE_DIAG=exclude_diag, BLOCK=block,
             BLOCK_K=block_k, PRECISION=precision, LOWP=is_low_precision(x))
     return part.to(torch.float64).sum(1)
@@ -311,9 +321,9 @@ def radial_backward(r1, r2, c1, c2, a1, a2, s1, s2, coef, center, kernel, bandwi
     bw = bandwidth_coefficients(kernel, bandwidths, r1)
     if row1 > row0 and (need_z or need_w) and can_launch(r1):
         grid = (triton.cdiv(row1 - row0, block), B)
-        wrap_triton(_radial_bwd_kernel)[grid](
+        launcher(_radial_bwd_kernel)[grid](
             r1, r2, c1, c2, a1, a2, s1, s2, coef, center, bw, g1, g2, gw1, gw2,
-            n1, n2, m1, m2, G, row0, row1, factor_z, factor_w, SQRT_CLAMP,
+            n1, n2, m1, m2, G, row0, row1, factor_z, factor_w, CLAMP=SQRT_CLAMP,
             KERNEL=KERNEL_IDS[kernel], NB=bw.numel(), SAME=same, EXCLUDE_SELF=exclude_self,
             NEED_Z=need_z, NEED_W=need_w, BLOCK_R=block, BLOCK_C=block, BLOCK_K=block_k,
             BLOCK_D=block_d, PRECISION=precision, LOWP=is_low_precision(r1))

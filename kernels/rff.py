@@ -14,9 +14,10 @@ grad_x = H @ W^T is then a plain GEMM, left to the vendor BLAS.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import get_settings
+from .pairwise import launcher
 
 # tl.dot precision comes from the package settings (default "ieee"); keep it "ieee" or "tf32x3"
 # for statistics: TF32 puts ~1e-3 relative errors into the phases, which cos/sin then amplify.
@@ -96,7 +97,7 @@ def rff_embed(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, freq: torc
     """Weighted sums of [cos, sin] features per set: [B, 2F] (fp32)."""
     grid = _grid(x, freq)
     partial = x.new_empty(x.shape[0], grid[0], 2 * freq.shape[1])
-    wrap_triton(_embed_kernel)[grid](
+    launcher(_embed_kernel)[grid](
         x, w, center, freq, partial, x.shape[1], x.shape[2], freq.shape[1], *_strides(x, w, center, freq),
         BLOCK_S=BLOCK_S, BLOCK_F=BLOCK_F, BLOCK_G=BLOCK_G, PRECISION=get_settings().precision)
     return partial.sum(1)
@@ -107,7 +108,7 @@ def rff_embed_coeffs(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cente
                      freq: torch.Tensor) -> torch.Tensor:
     """H [B, S, F] with grad_x = H @ freq^T, for the upstream gradient ``grad`` [B, 2F]."""
     h = x.new_empty(x.shape[0], x.shape[1], freq.shape[1])
-    wrap_triton(_coeff_kernel)[_grid(x, freq)](
+    launcher(_coeff_kernel)[_grid(x, freq)](
         x, w, center, freq, grad.contiguous(), h, x.shape[1], x.shape[2], freq.shape[1],
         *_strides(x, w, center, freq),
         BLOCK_S=BLOCK_S, BLOCK_F=BLOCK_F, BLOCK_G=BLOCK_G, PRECISION=get_settings().precision)

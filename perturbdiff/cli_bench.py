@@ -21,7 +21,7 @@ _MARKER_FILES = ("bench.json", "gpu_validation.json")  # what makes a folder our
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds), e.g. to check the suite runs")
     parser.add_argument("--op", default="all", choices=["energy", "mmd", "kme", "rff", "all"],
-                        help="which op's cases to run (default: all)")
+                        help="which op's cases to run (default: all; with --gpu-validate, in its benchmark step)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every measurement (default: torch's current count; 1 with --quick)")
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = _checked_out_dir(args.out)
     if args.gpu_validate:
-        return gpu.validate(out, quick=args.quick, time_limit=args.time_limit)
+        return gpu.validate(out, quick=args.quick, time_limit=args.time_limit, op=args.op)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
     if args.threads is not None and args.threads < 1:

@@ -103,7 +103,9 @@ import torch
 from perturbdiff.ops import available_backends, last_backend, mmd
 assert not perturbdiff.has_extension()
 assert any("hidden by the test" in str(w.message) for w in caught), [str(w.message) for w in caught]
-assert available_backends() == ["torch"], available_backends()
+# the compiled backends are gone; Triton (no extension needed) stays where a GPU has it
+assert available_backends("cpu") == ["torch"], available_backends()
+assert not {"cpu", "cuda"} & set(available_backends()), available_backends()
 x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
 value = mmd(x, torch.randn(5, 4, dtype=torch.float64), kernel="energy")
 value.backward()

@@ -85,7 +85,7 @@ def compare_mmd(kernel, estimator, x, y, xw=None, yw=None, need=("x", "y"), valu
 
 
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="launches the interpreter run itself")
-def test_interpreter_suite():
+def test_interpreter_suite(triton_interpreter):
     root = Path(__file__).resolve().parents[1]
     path = [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(path))
@@ -366,3 +366,37 @@ def test_gpu_torch_compile_inductor(K):
     want = api.energy_distance(x, y, backend="triton").mean()
     (wx,) = torch.autograd.grad(want, [x])
     assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(gx, wx, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="compiles the kernels with triton's own compiler")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernels_compile_with_the_scalar_types_torch_compile_passes(kernel):
+    """Inductor hands a user kernel's Python floats over as fp64 scalars (a launch from Python gives
+    fp32); that once turned W into an fp64 tile that tl.dot refused next to the fp32 one. Triton
+    compiles for sm_90 without a GPU (its wheel brings ptxas), so this runs everywhere."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from perturbdiff.kernels import kme as kme_kernels, pairwise
+
+    ints = {"n", "m", "Q", "G", "n1", "n2", "m1", "m2", "row0", "row1"}
+    floats = {"factor_z", "factor_w", "CLAMP"}  # the Python floats of the launches
+    common = dict(KERNEL=pairwise.KERNEL_IDS[kernel], NB=2, CLAMP=reference.SQRT_CLAMP, PRECISION="ieee",
+                  LOWP=False, BLOCK_K=32)
+    cases = [(pairwise._radial_bwd_kernel, dict(SAME=True, EXCLUDE_SELF=False, NEED_Z=True, NEED_W=True,
+                                                BLOCK_R=64, BLOCK_C=64, BLOCK_D=64)),
+             (pairwise._mmd_fwd_kernel, dict(EXCLUDE_DIAG=True, BLOCK=64)),
+             (kme_kernels._kme_fwd_kernel, dict(BLOCK_N=64, BLOCK_Q=64))]
+    for fn, constants in cases:
+        constants = {**common, **constants}
+        signature, constexprs = {}, {}
+        for i, param in enumerate(fn.params):
+            if param.is_constexpr:
+                signature[param.name], constexprs[(i,)] = "constexpr", constants[param.name]
+            else:
+                signature[param.name] = ("i32" if param.name in ints else "fp64" if param.name in floats
+                                         else "*fp32")
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+        assert "xf64>" not in ttir, fn.__name__  # no tile computed in fp64

@@ -170,8 +170,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_triton_kernels_under_interpreter():
-    pytest.importorskip("triton")
+def test_triton_kernels_under_interpreter(triton_interpreter):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)

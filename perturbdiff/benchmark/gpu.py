@@ -21,13 +21,14 @@ TOTAL_BUDGET_S = 570.0  # the whole command must finish in < 10 min
 BUILD_TIMEOUT_S = 300.0
 TEST_TIMEOUT_S = 300.0  # per group of tests
 PER_TEST_TIMEOUT_S = 120  # with pytest-timeout installed: one stuck test does not take the budget
+TEST_WORKERS = 8  # with pytest-xdist installed (each worker sizes itself to 2 threads, tests/conftest.py)
 # The GPU tests first: if the budget runs out, it runs out on tests that a CPU CI also runs.
 TEST_GROUPS = (("tests-gpu", "cuda or triton or gpu"), ("tests-rest", "not (cuda or triton or gpu)"))
-BENCH_RESERVE_S = 150.0  # kept for the benchmark when the build and tests run long
+BENCH_RESERVE_S = 60.0  # kept for the benchmark when the build and tests run long
 SUMMARY_JSON, SUMMARY_MD = "gpu_validation.json", "gpu_validation.md"
 
 
-def validate(out: Path, quick: bool = False, time_limit: float | None = None) -> int:
+def validate(out: Path, quick: bool = False, time_limit: float | None = None, op: str = "all") -> int:
     if not torch.cuda.is_available():
         print("perturbdiff bench --gpu-validate: no NVIDIA GPU is visible here (torch.cuda.is_available() "
               f"is False; torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Run it on a "
@@ -45,8 +46,8 @@ def validate(out: Path, quick: bool = False, time_limit: float | None = None) ->
             left = budget - (time.monotonic() - start)
             steps.append(_test_step(tmp, repo, name, selection, min(TEST_TIMEOUT_S, left - BENCH_RESERVE_S)))
         left = budget - (time.monotonic() - start)
-        bench = [sys.executable, "-m", "perturbdiff", "bench", "--device", "cuda", "--out", str(tmp / "bench"),
-                 "--time-limit", str(int(left - 30))] + (["--quick"] if quick else [])
+        bench = [sys.executable, "-m", "perturbdiff", "bench", "--device", "cuda", "--op", op,
+                 "--out", str(tmp / "bench"), "--time-limit", str(int(left - 30))] + (["--quick"] if quick else [])
         steps.append(_run("benchmark", bench, tmp / "bench.log", left - 10))
         summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
                    "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -92,6 +93,8 @@ def _test_step(tmp: Path, repo: Path | None, name: str, selection: str, timeout_
            str(repo / "tests"), f"--junitxml={tmp / (name + '.xml')}", "-p", "no:cacheprovider"]
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", str(PER_TEST_TIMEOUT_S)]
+    if importlib.util.find_spec("xdist"):  # GPU hosts have the cores: Triton compiles in parallel
+        cmd += ["-n", str(min(TEST_WORKERS, os.cpu_count() or 1))]
     return _run(name, cmd, tmp / f"{name}.log", timeout_s)
 
 

@@ -76,9 +76,9 @@ def _define_ops(K):
 
     def define(name, fn):
         if K.INTERPRETED:
-            # Interpreted kernels cannot be recorded into a graph (wrap_triton returns them as they
-            # are), so the op stays opaque to torch.compile; the body serves as the fake: it only
-            # launches kernels on real tensors.
+            # Interpreted kernels cannot be recorded into a graph (they launch as plain Python), so
+            # the op stays opaque to torch.compile; the body serves as the fake: it only launches
+            # kernels on real tensors.
             op = torch.library.custom_op(name, fn, mutates_args=())
             op.register_fake(fn)
             return op

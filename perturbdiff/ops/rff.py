@@ -253,15 +253,16 @@ def _candidates() -> tuple:
 
     cands = []
     triton_fn = _triton_embed()
-    on_gpu = torch.cuda.is_available()
-    if triton_fn is not None and on_gpu:
+    # TRITON_INTERPRET=1 makes every Triton kernel of the process an interpreted one, GPU or not
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_fn is not None and not interpreted:
         cands.append(backend("triton", "cuda", triton_fn, (torch.float32,)))
     if _extension.has_kernel("rff_embed", "CUDA"):
         cands.append(backend("cuda", "cuda", torch.ops.perturbdiff.rff_embed))
     if _extension.has_kernel("rff_embed", "CPU"):
         cands.append(backend("cpu", "cpu", torch.ops.perturbdiff.rff_embed))
     cands.append(backend("torch", None, reference_embed_sums, _backends.ALL_FLOATS))
-    if triton_fn is not None and not on_gpu:
+    if triton_fn is not None and interpreted:
         cands.append(backend("triton-interpreter", "cpu", triton_fn, (torch.float32,)))
     return tuple(cands)
 
