@@ -9,7 +9,8 @@ processes and the fastest end to end counts (this VM's timings wander by 10-20 %
 adds r2, r2_delta and the pred-vs-real energy distance and RBF-MMD). Columns: "end to end" is
 a fresh interpreter importing the tool and evaluating once; "import+first" the tool's import plus
 its first call inside that process; "warm" the median of the later calls (the metric work); peak
-RSS of the child.
+RSS of the child. The perturbdiff child keeps freed memory in the process as `perturbdiff
+evaluate` does (perturbdiff.heap; cell-eval runs as it ships).
 Usage:
     python benchmarks/bench_evaluate.py [--genes 500 2000 18080] [--skip-cell-eval] [--device cuda]
                                         [--warm 3] [--processes 2]
@@ -62,6 +63,8 @@ def run_tool(tool: str, real: Path, pred: Path, out: Path, warm: int, device: st
     t0 = time.perf_counter()
     if tool.startswith("perturbdiff"):
         from perturbdiff.evaluate import evaluate
+        from perturbdiff.heap import keep_freed_memory
+        keep_freed_memory()  # as `perturbdiff evaluate` does in its process
         profile = tool.partition(":")[2] or "full"
 
         def once():

@@ -39,7 +39,8 @@ def run_case(genes, set_size, sets, width, depth, heads, steps, naive, bf16, thr
     from perturbdiff import diffusion as D
     from perturbdiff.diffusion import GaussianDiffusion, LossConfig
     from perturbdiff.model import PerturbDiffModel
-    from perturbdiff.train import clip_and_step, keep_freed_memory, make_optimizer
+    from perturbdiff.heap import keep_freed_memory
+    from perturbdiff.train import clip_and_step, make_optimizer
     from perturbdiff.config import DEFAULTS
 
     torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import ctypes
 import io
 import math
 import os
@@ -29,6 +28,7 @@ from torch import nn
 
 from .config import ConfigError, load_config, to_toml
 from .diffusion import GaussianDiffusion, LossConfig
+from .heap import keep_freed_memory
 from .model import build_model
 from .model.checkpoint import link_atomically, load_checkpoint, save_checkpoint
 from .model.finetune import transfer_weights
@@ -142,25 +142,6 @@ def clip_and_step(opt: torch.optim.Optimizer, params, clip: float) -> torch.Tens
         torch._foreach_mul_(grads, coef)
     opt.step()
     return total
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve large tensors from the heap and keep freed memory in the process.
-
-    By default glibc maps every block above the (dynamic, at most 32 MB) mmap threshold freshly from
-    the kernel and unmaps it on free, so each training step page-faults (and the kernel zero-fills)
-    its activations and gradients again; at the authors' model size that is ~10-20 % of a CPU step.
-    The price: memory freed after the peak is not returned to the system (the RSS stays at the
-    peak). No-op (False) where glibc's mallopt is unavailable.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 def bf16_is_native(device: torch.device) -> bool:

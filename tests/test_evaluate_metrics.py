@@ -2,6 +2,8 @@
 baselines and report files."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import anndata as ad
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 
 from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
-from perturbdiff.evaluate.inputs import load_anndata
+from perturbdiff.evaluate.inputs import StoredCells, load_anndata
 from perturbdiff.evaluate.baselines import make_baseline
 from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
@@ -310,7 +312,7 @@ def test_files_are_read_in_part_and_whole_when_a_key_is_missing(tmp_path):
     path = tmp_path / "real.h5ad"
     real.write_h5ad(path)
     part = load_anndata(path, "real", ("pert", "ctx"))
-    assert list(part.obs.columns) == ["pert", "ctx"] and not part.layers and not part.obsm
+    assert isinstance(part, StoredCells) and list(part.obs.columns) == ["pert", "ctx"]
     pd.testing.assert_frame_equal(part.obs, real.obs[["pert", "ctx"]])
     assert list(part.var_names) == list(real.var_names) and (part.X != real.X).nnz == 0
     whole = load_anndata(path, "real", ("pert", "missing"))  # read whole: errors list every column
@@ -321,6 +323,38 @@ def test_files_are_read_in_part_and_whole_when_a_key_is_missing(tmp_path):
                                            progress=False).per_pert)
     with pytest.raises(InputError, match="'nope'"):
         evaluate(path, path, "nope", "ctrl", progress=False)
+
+
+def test_lean_read_equals_anndata_for_every_layout_it_reads(tmp_path):
+    """X dense, CSR or CSC; categorical, string, numeric and boolean obs columns. Encodings it
+    does not read (a nullable integer column here) send the file to anndata whole."""
+    real = _toy()
+    real.obs["dose"] = np.arange(real.n_obs, dtype=float)
+    real.obs["flag"] = real.obs["pert"] == "P1"
+    real.obs["n"] = pd.array(np.arange(real.n_obs), dtype="Int64")
+    keys = ("pert", "dose", "flag")
+    for layout in (np.asarray, sp.csr_matrix, sp.csc_matrix):
+        real.X = layout(real.X)
+        path = tmp_path / f"{layout.__name__}.h5ad"
+        real.write_h5ad(path)
+        stored = ad.read_h5ad(path)
+        part = load_anndata(path, "real", keys)
+        assert isinstance(part, StoredCells) and type(part.X) is type(stored.X)
+        assert part.shape == stored.shape and part.n_obs == stored.n_obs and part.n_vars == stored.n_vars
+        np.testing.assert_array_equal(sp.csr_matrix(part.X).toarray(), sp.csr_matrix(stored.X).toarray())
+        pd.testing.assert_frame_equal(part.obs, stored.obs[list(keys)])
+        pd.testing.assert_index_equal(part.var_names, stored.var_names)
+        assert isinstance(load_anndata(path, "real", ("pert", "n")), ad.AnnData)
+
+
+def test_evaluating_files_does_not_import_anndata(tmp_path):
+    real = _toy()
+    real.write_h5ad(tmp_path / "real.h5ad")
+    code = ("import sys; from perturbdiff.evaluate import evaluate; "
+            f"t = evaluate({str(tmp_path / 'real.h5ad')!r}, {str(tmp_path / 'real.h5ad')!r}, 'pert', 'ctrl', "
+            "progress=False).per_pert; print(len(t), 'anndata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "False"], out.stderr
 
 
 def test_describe_and_score():
@@ -372,9 +406,11 @@ def test_report_files(tmp_path):
     assert "avg_score" in pd.read_csv(out / "scores.csv")["metric"].tolist()
 
 
-def test_cli_evaluate_and_baseline(tmp_path):
+def test_cli_evaluate_and_baseline(tmp_path, monkeypatch):
     from perturbdiff.evaluate import cli_baseline, cli_evaluate
     import argparse
+    kept = []  # the command keeps freed memory (its own process); the test process stays as it is
+    monkeypatch.setattr(cli_evaluate, "keep_freed_memory", lambda: kept.append(True))
     real, train = _toy(), _toy(seed=4)
     real.write_h5ad(tmp_path / "real.h5ad")
     train.write_h5ad(tmp_path / "train.h5ad")
@@ -400,6 +436,11 @@ def test_cli_evaluate_and_baseline(tmp_path):
                              "--control-label", "ctrl", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not found"):
         cli_evaluate.run(bad)
+    assert len(kept) == 2
+    cli_evaluate.run(parser.parse_args(["--pred", str(tmp_path / "lin.h5ad"), "--real", str(tmp_path / "real.h5ad"),
+                                        "--pert-key", "pert", "--control-label", "ctrl", "--no-progress",
+                                        "--out", str(tmp_path / "rep2"), "--release-freed-memory"]))
+    assert len(kept) == 2 and (tmp_path / "rep2" / "results.csv").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from perturbdiff.model import PerturbDiffModel
 from perturbdiff.model.crossdit import FewRowsLinear, _FewRowsLinear, _SelfCondEmbed, adaln
-from perturbdiff.train import clip_and_step, keep_freed_memory, make_optimizer
+from perturbdiff.heap import keep_freed_memory
+from perturbdiff.train import clip_and_step, make_optimizer
 from perturbdiff.config import DEFAULTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..heap import keep_freed_memory
 from .catalog import PROFILES
 from .evaluator import evaluate
 from .inputs import InputError
@@ -37,9 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="give memory freed between blocks back to the system (glibc's default); "
+                        "by default the command keeps it, which saves the page faults of every block "
+                        "(~10%% of the CPU time) and holds the RSS at its peak")
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.release_freed_memory:
+        keep_freed_memory()
     preds = {args.name: args.pred}
     for name, path in args.baseline:
         if name in preds:

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -55,6 +55,9 @@ from .ranking import masked_pearson
 from .sparse_gram import SplitCells, dense_genes, density, split_distance_to, split_within
 from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
                        rank_sum_test_sparse, sort_control, sparse_kernel_available)
+
+if TYPE_CHECKING:
+    import anndata as ad
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # 8 Mi values (64 MiB in float64) per dense cell block
 

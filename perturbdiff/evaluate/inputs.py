@@ -7,10 +7,11 @@ silently converting: integer counts are reported, not normalised behind the user
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -18,6 +19,9 @@ import scipy.sparse as sp
 import torch
 
 from .._extension import has_kernel
+
+if TYPE_CHECKING:  # anndata is imported only when a file needs it (its import is ~0.3 s)
+    import anndata as ad
 
 # cell-eval's log1p guard: values must be >= 0 and below this bound.
 LOG1P_MAX = 15.0
@@ -30,12 +34,13 @@ class InputError(ValueError):
 
 
 def load_anndata(data: ad.AnnData | str | os.PathLike, which: str,
-                 obs_keys: tuple[str, ...] | None = None) -> ad.AnnData:
+                 obs_keys: tuple[str, ...] | None = None) -> ad.AnnData | StoredCells:
     """``data`` itself, or the .h5ad file it names. With ``obs_keys``, only .X, the cell and gene
-    names and those .obs columns are read (layers, .obsm and the like can be larger than .X);
-    a file missing one of them, or stored in a layout this lean read does not know, is read
-    whole, so that the usual checks report on it."""
-    if isinstance(data, ad.AnnData):
+    names and those .obs columns are read, straight from the HDF5 file (layers, .obsm and the like
+    can be larger than .X, and importing anndata takes longer than reading a small file); a file
+    missing one of them, or stored in a layout this lean read does not know, is read whole with
+    anndata, so that the usual checks report on it."""
+    if _is_anndata(data):
         return data
     path = Path(data)
     if not path.is_file():
@@ -45,20 +50,74 @@ def load_anndata(data: ad.AnnData | str | os.PathLike, which: str,
             return _read_parts(path, obs_keys)
         except (KeyError, OSError, TypeError, ValueError):
             pass
+    import anndata as ad
+
     return ad.read_h5ad(path)
 
 
-def _read_parts(path: Path, obs_keys: tuple[str, ...]) -> ad.AnnData:
-    from anndata.io import read_elem
+def _is_anndata(data) -> bool:
+    module = sys.modules.get("anndata")  # not imported: data cannot be an AnnData
+    return module is not None and isinstance(data, module.AnnData)
 
+
+@dataclass(frozen=True)
+class StoredCells:
+    """What the evaluator reads of an AnnData: .X, .obs (some columns) and the gene names."""
+
+    X: np.ndarray | sp.csr_matrix | sp.csc_matrix
+    obs: pd.DataFrame
+    var_names: pd.Index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.X.shape
+
+    @property
+    def n_obs(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.X.shape[1]
+
+
+def _read_parts(path: Path, obs_keys: tuple[str, ...]) -> StoredCells:
+    """The parts of an .h5ad file (anndata's on-disk format 0.1+) the evaluator needs; TypeError
+    for an element encoded in a way this reader does not know."""
     with h5py.File(path, "r") as f:
         obs, var = f["obs"], f["var"]
-        x = read_elem(f["X"])
-        index = read_elem(obs[obs.attrs["_index"]])
-        columns = {key: read_elem(obs[key]) for key in obs_keys}  # KeyError: not stored
-        genes = read_elem(var[var.attrs["_index"]])
-    return ad.AnnData(x, obs=pd.DataFrame(columns, index=pd.Index(index)),
-                      var=pd.DataFrame(index=pd.Index(genes)))
+        x = _read_matrix(f["X"])
+        index = _read_column(obs[obs.attrs["_index"]])
+        columns = {key: _read_column(obs[key]) for key in obs_keys}  # KeyError: not stored
+        genes = _read_column(var[var.attrs["_index"]])
+    return StoredCells(x, pd.DataFrame(columns, index=pd.Index(index)), pd.Index(genes))
+
+
+def _encoding(elem) -> str:
+    return elem.attrs.get("encoding-type", "")
+
+
+def _read_matrix(elem):
+    if isinstance(elem, h5py.Dataset) and _encoding(elem) == "array":
+        return elem[()]
+    kind = {"csr_matrix": sp.csr_matrix, "csc_matrix": sp.csc_matrix}.get(_encoding(elem))
+    if kind is None:
+        raise TypeError(f"X is stored as {_encoding(elem) or type(elem).__name__!r}")
+    return kind((elem["data"][()], elem["indices"][()], elem["indptr"][()]),
+                shape=tuple(elem.attrs["shape"]))
+
+
+def _read_column(elem):
+    encoding = _encoding(elem)
+    if encoding == "string-array":
+        return elem.asstr()[()].astype(object)
+    if encoding == "array" and elem.dtype.kind in "biuf":
+        return elem[()]
+    if encoding == "categorical":
+        categories = _read_column(elem["categories"])
+        return pd.Categorical.from_codes(elem["codes"][()], categories,
+                                         ordered=bool(elem.attrs.get("ordered", False)))
+    raise TypeError(f"obs/var element {elem.name} is stored as {encoding!r}")
 
 
 def _stored_values(x) -> np.ndarray:
