@@ -52,6 +52,7 @@ def _worker(rank, init_file, out_file):
         if rank == 0:
             torch.save(grads, out_file)
         tdist.barrier()  # neither rank tears gloo down while the other still communicates
+        del model  # DDP's reducer holds the group: it goes first (a rank once aborted at exit)
     finally:
         tdist.destroy_process_group()
 
