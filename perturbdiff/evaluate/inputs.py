@@ -35,8 +35,8 @@ class InputError(ValueError):
 
 def load_anndata(data: ad.AnnData | str | os.PathLike, which: str,
                  obs_keys: tuple[str, ...] | None = None) -> ad.AnnData | StoredCells:
-    """``data`` itself, or the .h5ad file it names. With ``obs_keys``, only .X, the cell and gene
-    names and those .obs columns are read, straight from the HDF5 file (layers, .obsm and the like
+    """``data`` itself, or the .h5ad file it names. With ``obs_keys``, only .X, the gene names and
+    those .obs columns are read, straight from the HDF5 file (layers, .obsm and the like
     can be larger than .X, and importing anndata takes longer than reading a small file); a file
     missing one of them, or stored in a layout this lean read does not know, is read whole with
     anndata, so that the usual checks report on it."""

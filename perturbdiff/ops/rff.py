@@ -21,7 +21,6 @@ it only keeps the phases small, which matters for fp32 accuracy on log-expressio
 
 import functools
 import importlib
-import os
 from collections.abc import Sequence
 
 import torch
@@ -251,18 +250,18 @@ def _candidates() -> tuple:
     def backend(name, device_type, fn, dtypes=(torch.float32, torch.float64)):
         return _backends.Backend(name, device_type, {_OP: fn}, dtypes=dtypes)
 
+    from . import _triton  # where its kernels run: "cuda", "cpu" (TRITON_INTERPRET=1) or nowhere (None)
+
     cands = []
-    triton_fn = _triton_embed()
-    # TRITON_INTERPRET=1 makes every Triton kernel of the process an interpreted one, GPU or not
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if triton_fn is not None and not interpreted:
+    triton_fn = _triton_embed() if _triton.DEVICE_TYPE else None
+    if triton_fn is not None and _triton.DEVICE_TYPE == "cuda":
         cands.append(backend("triton", "cuda", triton_fn, (torch.float32,)))
     if _extension.has_kernel("rff_embed", "CUDA"):
         cands.append(backend("cuda", "cuda", torch.ops.perturbdiff.rff_embed))
     if _extension.has_kernel("rff_embed", "CPU"):
         cands.append(backend("cpu", "cpu", torch.ops.perturbdiff.rff_embed))
     cands.append(backend("torch", None, reference_embed_sums, _backends.ALL_FLOATS))
-    if triton_fn is not None and interpreted:
+    if triton_fn is not None and _triton.DEVICE_TYPE == "cpu":
         cands.append(backend("triton-interpreter", "cpu", triton_fn, (torch.float32,)))
     return tuple(cands)
 
@@ -304,9 +303,7 @@ def _reference_embed_grad(grad, x, w, center, freq):
 
 
 def _triton_embed():
-    """The Triton op when it can run: a GPU, or TRITON_INTERPRET=1 (CPU, explicit backend only)."""
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        return None
+    """The Triton op with its autograd, or None when its module does not import."""
     try:
         mod = _import_triton_kernels()
     except ImportError:
