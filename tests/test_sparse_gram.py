@@ -1,6 +1,10 @@
 """perturbdiff::within_distance, ::distance_to, ::split_columns, ::group_sums and the split
 sparse/dense products behind the evaluator's e-distance and set distances."""
 
+import os
+import subprocess
+import sys
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -260,6 +264,54 @@ def test_distances_over_several_column_tiles(ascending):
     out = _distance_to(x, d, sq, x[:70], d[:70], sq[:70])
     # (the first 70 cells are in the reference too: sqrt of a rounded 0 costs ~1e-8 absolute)
     np.testing.assert_allclose(out.numpy(), cdist(full, full[:70]).mean(1), rtol=1e-9, atol=1e-7)
+
+
+def _density_ramp(rng, rows, cols, dtype=np.float64):
+    """Cells whose genes are stored in 0 % to 100 % of them (gene g in about g / cols): genes on
+    both sides of the kernels' dense-row threshold in one matrix. One stored value in ten comes as
+    two entries of half of it (duplicates, rows still ascending)."""
+    x = (rng.random((rows, cols)) < np.linspace(0, 1, cols)) * np.log1p(50 * rng.random((rows, cols)))
+    row, col = np.nonzero(x)
+    data = x[row, col].astype(dtype)
+    twice = rng.random(len(data)) < 0.1
+    data[twice] /= 2
+    row, col, data = (np.concatenate([a, a[twice]]) for a in (row, col, data))
+    order = np.lexsort((col, row))
+    ptr = np.searchsorted(row[order], np.arange(rows + 1)).astype(np.int32)
+    dup = sp.csr_matrix((data[order], col[order].astype(np.int32), ptr), shape=x.shape)
+    assert not dup.has_canonical_format and np.allclose(dup.toarray(), x)
+    return dup
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ascending", [True, False])
+def test_distances_mix_scattered_and_dense_products(dtype, ascending):
+    """Genes stored in a small fraction of the other side's cells take Gustavson's scattered
+    products, the others the dense-row products (register blocks of 32 outputs and a tail): 77
+    reference cells, segments of 5 to 140 cells, 700 genes (two column tiles when the rows ascend),
+    duplicate entries; against cdist."""
+    rng = np.random.default_rng(3)
+    x = _density_ramp(rng, 300, 700, dtype)
+    if not ascending:
+        x = _shuffle_rows(x, rng)
+    d = torch.from_numpy(rng.random((300, 2)).astype(dtype))
+    full = np.hstack([x.toarray(), d.numpy()]).astype(np.float64)
+    tol = dict(rtol=2e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-9)
+    offsets = [0, 5, 145, 223, 300]
+    mean, sq = _within(x, d, offsets)
+    np.testing.assert_allclose(mean.double().numpy(),
+                               [cdist(s, s).mean() for s in np.split(full, offsets[1:-1])], **tol)
+    ref = x[223:]
+    out = _distance_to(x[:223], d[:223], sq[:223], ref, d[223:], sq[223:])
+    np.testing.assert_allclose(out.double().numpy(), cdist(full[:223], full[223:]).mean(1), **tol)
+
+
+def test_dense_products_of_the_portable_build():
+    """ATEN_CPU_CAPABILITY=default selects the non-AVX2 build of the dense-row products: the test
+    above passes with it too."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                    "mix_scattered_and_dense"], env=env, check=True, capture_output=True)
 
 
 def test_distance_to_is_bitwise_reproducible_and_opchecked():

@@ -5,8 +5,9 @@
 // product), its dense part [m, d] and its squared norms.
 //
 // Blocks of rows: a block's Gram rows against the whole reference are its dense part times the
-// reference's (at::mm) plus the sparse products (Gustavson, into the same rows, one column tile of
-// csr.h's after another so that the reference rows a tile reads stay in L2), reduced at once to
+// reference's (at::mm) plus the sparse products (into the same rows, one column tile of csr.h's after
+// another so that the reference rows a tile reads stay in L2; Gustavson's for the reference's sparse
+// genes, the epilogue table's add_rows for the genes stored in a large fraction of its cells), reduced at once to
 // distance sums by the norm expansion of evaluate/distribution.py; the Gram block (kBlockRows x m)
 // stays in L2 and is never handed back. Row sums in double; threads own disjoint rows, so the
 // result is bitwise reproducible.
@@ -16,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "cpu/csr.h"
@@ -65,16 +67,23 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
       const scalar_t *vp = val.data_ptr<scalar_t>(), *rvp = ref_val.data_ptr<scalar_t>();
       const scalar_t *sqp = sq.data_ptr<scalar_t>(), *rsq = ref_sq.data_ptr<scalar_t>();
       scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, n, kBlockRows, [&](int64_t begin, int64_t end) {
+      const DenseRows<scalar_t> ref_rows(rpp, rip, rvp, cols, m);
+      // Blocks handed out one at a time: cells differ in stored values (cell types, perturbations), so an
+      // even split of the rows leaves one thread with most of the work.
+      const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
         RowTiles<index_t> tiles;
-        for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
-          const int64_t r1 = std::min(r0 + kBlockRows, end);
+        DenseEntries<scalar_t> gathered;
+        for (int64_t b = next++; b < blocks; b = next++) {
+          const int64_t r0 = b * kBlockRows, r1 = std::min(r0 + kBlockRows, n);
           at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), ref_dense);
           scalar_t* g = gram.data_ptr<scalar_t>();
           tiles.start(pp, ip, r0, r1);
           for (int64_t g0 = 0; g0 < cols; g0 += tile)
             for (int64_t p = r0; p < r1; ++p)
-              add_product_row(ip, vp, tiles.take(p, g0 + tile), rpp, rip, rvp, g + (p - r0) * m);
+              add_product_row(ip, vp, tiles.take(p, g0 + tile), rpp, rip, rvp, ref_rows, gathered,
+                              g + (p - r0) * m);
           for (int64_t p = r0; p < r1; ++p) {
             const double total = distance_sum(g + (p - r0) * m, sqp[p], rsq, m);
             op[p] = static_cast<scalar_t>(m > 0 ? total / static_cast<double>(m) : std::nan(""));

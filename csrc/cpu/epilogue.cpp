@@ -188,6 +188,31 @@ void pack_centered(const T* src, const T* center, int64_t rows, int64_t genes, T
   }
 }
 
+// Columns of out are taken kAddRowsBlock vectors at a time, accumulated in registers over all entries.
+constexpr int64_t kAddRowsBlock = 8;
+
+template <typename T>
+void add_rows(const T* v, const int64_t* slot, int64_t count, const T* rows, int64_t ld, int64_t n, T* out) {
+  constexpr int64_t W = Vec<T>::size(), B = kAddRowsBlock;
+  int64_t j = 0;
+  for (; j + B * W <= n; j += B * W) {
+    Vec<T> acc[B];
+    for (int64_t b = 0; b < B; ++b) acc[b] = Vec<T>::loadu(out + j + b * W);
+    for (int64_t e = 0; e < count; ++e) {
+      const Vec<T> ve(v[e]);
+      const T* r = rows + slot[e] * ld + j;
+      for (int64_t b = 0; b < B; ++b) acc[b] = at::vec::fmadd(ve, Vec<T>::loadu(r + b * W), acc[b]);
+    }
+    for (int64_t b = 0; b < B; ++b) acc[b].store(out + j + b * W);
+  }
+  for (; j < n; j += W) {
+    const int64_t w = std::min(W, n - j);
+    Vec<T> acc = load(out + j, w);
+    for (int64_t e = 0; e < count; ++e) acc = at::vec::fmadd(Vec<T>(v[e]), load(rows + slot[e] * ld + j, w), acc);
+    acc.store(out + j, static_cast<int>(w));
+  }
+}
+
 // Run-time kernel -> compile-time template instance.
 #define PD_KERNEL_SWITCH(kernel, IMPL, ...)                                 \
   switch (kernel) {                                                          \
@@ -220,13 +245,13 @@ void col_sum(Kernel k, const RadialParams<T>& prm, const Tile<T>& t, double* out
 
 const EpilogueTable<float>& epilogue_float() {
   static const EpilogueTable<float> table{&pair_sum<float>, &pair_grad<float>, &col_sum<float>,
-                                          &pack_centered<float>};
+                                          &pack_centered<float>, &add_rows<float>};
   return table;
 }
 
 const EpilogueTable<double>& epilogue_double() {
   static const EpilogueTable<double> table{&pair_sum<double>, &pair_grad<double>, &col_sum<double>,
-                                           &pack_centered<double>};
+                                           &pack_centered<double>, &add_rows<double>};
   return table;
 }
 

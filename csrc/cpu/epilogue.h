@@ -65,6 +65,9 @@ struct EpilogueTable {
   // dst[r] = src[r] - center for rows [0, rows) of [rows, genes] matrices, norm[r] = |dst[r]|^2 (norm
   // may be null: no norms).
   void (*pack_centered)(const T* src, const T* center, int64_t rows, int64_t genes, T* dst, T* norm);
+  // out[j] += sum_e v[e] rows[slot[e] * ld + j] for j < n: a sparse row's entries in the densified rows
+  // of the other operand (csr.h's DenseRows), each output loaded and stored once.
+  void (*add_rows)(const T* v, const int64_t* slot, int64_t count, const T* rows, int64_t ld, int64_t n, T* out);
 };
 
 }  // namespace perturbdiff::cpu

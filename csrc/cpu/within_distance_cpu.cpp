@@ -13,7 +13,8 @@
 // by at::mm and the sparse part by Gustavson's product over a column-major copy of the rows the
 // block needs, built one column tile at a time (csr.h's kTileColumns, so that it stays in L2; for
 // each stored (k, v) of row p, the stored S[q, k] with q >= p, from a per-column cursor that only
-// moves forward as p does), so only upper triangles are computed and memory is O(block x segment).
+// moves forward as p does; columns stored in a large fraction of those rows are copied dense instead and
+// added by the epilogue table's add_rows), so only upper triangles are computed and memory is O(block x segment).
 // Squared norms come first, row by row (duplicate column indices in a row add up like the dense
 // matrix's). Distances follow the norm expansion of evaluate/distribution.py:
 // D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0; each unordered pair counts twice; row sums
@@ -41,7 +42,7 @@ constexpr int64_t kBlockRows = 128;
 // acc row (p - r0) [q - r0] += v * S[q, k] over the stored (k, v) of rows p in [r0, r1) and q in [p, end):
 // the sparse part of the block's Gram rows, one column tile at a time.
 template <typename scalar_t, typename index_t>
-void add_sparse_block(TileColumns<scalar_t, index_t>& c, const index_t* rp, const index_t* idx, const scalar_t* v,
+void add_sparse_block(TileColumns<scalar_t, index_t>& c, DenseEntries<scalar_t>& gathered, const index_t* rp, const index_t* idx, const scalar_t* v,
                       int64_t cols, int64_t tile, int64_t r0, int64_t r1, int64_t end, scalar_t* acc) {
   const int64_t width = end - r0;
   c.rows.start(rp, idx, r0, end);
@@ -50,14 +51,20 @@ void add_sparse_block(TileColumns<scalar_t, index_t>& c, const index_t* rp, cons
     for (int64_t p = r0; p < r1; ++p) {
       scalar_t* a = acc + (p - r0) * width - r0;
       const auto [first, next] = c.rows.taken(p);
+      gathered.clear();
       for (index_t e = first; e < next; ++e) {
         const int64_t k = idx[e] - g0;
+        if (c.slot[k] >= 0) {
+          gathered.push(v[e], c.slot[k]);
+          continue;
+        }
         int64_t j = c.cursor[k];
         while (c.row[j] < p) ++j;  // row p itself stores column k: the loop stops there
         c.cursor[k] = j;
         const int64_t stop = c.ptr[k + 1];
         for (; j < stop; ++j) a[c.row[j]] += v[e] * c.val[j];
       }
+      gathered.add_to(c.dense.data() + (p - r0), width, end - p, a + p);
     }
   }
 }
@@ -194,14 +201,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
       std::atomic<int64_t> next{0};
       const int64_t n_blocks = static_cast<int64_t>(blocks.size());
       at::parallel_for(0, std::min<int64_t>(n_blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-        TileColumns<scalar_t, index_t> columns(tile);
+        TileColumns<scalar_t, index_t> columns(tile, kDenseRowFraction);
+        DenseEntries<scalar_t> gathered;
         std::vector<scalar_t> d;
         for (int64_t b = next++; b < n_blocks; b = next++) {
           const auto [r0, r1, m, end] = blocks[b];
           const int64_t width = end - r0;  // columns q in [r0, end)
           at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width));
           scalar_t* g = gram.data_ptr<scalar_t>();
-          add_sparse_block(columns, pp, ip, vp, cols, tile, r0, r1, end, g);
+          add_sparse_block(columns, gathered, pp, ip, vp, cols, tile, r0, r1, end, g);
           for (int64_t p = r0; p < r1; ++p) {
             const scalar_t* row = g + (p - r0) * width - r0;  // row[q]: G_pq
             const int64_t own_end = p < m ? m : end;           // q in (p, own_end): p's own part
