@@ -24,7 +24,7 @@ from perturbdiff.evaluate.baselines import make_baseline
 from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
 from perturbdiff.evaluate.expression import discrimination_scores, mean_metrics
-from perturbdiff.evaluate.ranking import (average_precision_rows, masked_average_ranks,
+from perturbdiff.evaluate.ranking import (ascending_order, average_precision_rows, masked_average_ranks,
                                           masked_spearman, roc_auc_rows)
 from perturbdiff.evaluate.report import write_report
 from perturbdiff.evaluate.wilcoxon import (benjamini_hochberg, log2_fold_change, rank_sum_test,
@@ -170,11 +170,13 @@ def test_ranking_stats_match_scipy_sklearn(rows):
     lab = lab.astype(bool)
     auc = roc_auc_rows(t(lab), t(b))[0].item()
     ap = average_precision_rows(t(lab), t(b))[0].item()
-    # the evaluator's shared sort: the ascending order serves both (ties in b are frequent)
-    ascending = torch.sort(t(b), dim=-1, stable=True).indices
-    assert roc_auc_rows(t(lab), t(b), ascending)[0].item() == pytest.approx(auc, abs=1e-15, nan_ok=True)
-    assert average_precision_rows(t(lab), t(b), ascending)[0].item() == pytest.approx(ap, abs=1e-15,
-                                                                                      nan_ok=True)
+    # the evaluator's shared sort: an ascending order serves both, ties in b (frequent here) in
+    # any order: numpy's, and a random one
+    shuffled_ties = torch.from_numpy(np.lexsort((np.random.default_rng(len(b)).random(len(b)), b)))[None]
+    for ascending in (ascending_order(t(b)), shuffled_ties):
+        assert roc_auc_rows(t(lab), t(b), ascending)[0].item() == pytest.approx(auc, abs=1e-15, nan_ok=True)
+        assert average_precision_rows(t(lab), t(b), ascending)[0].item() == pytest.approx(
+            ap, abs=1e-15, nan_ok=True)
     if 0 < lab.sum() < len(lab):
         assert auc == pytest.approx(roc_auc_score(lab, b), abs=1e-12)
         assert ap == pytest.approx(average_precision_score(lab, b), abs=1e-12)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .ranking import average_precision_rows, masked_spearman, roc_auc_rows
+from .ranking import ascending_order, average_precision_rows, masked_spearman, roc_auc_rows
 
 FDR_THRESHOLD = 0.05
 TOP_K = (None, 50, 100, 200, 500)  # None = N, the size of the reference DE list
@@ -74,7 +74,7 @@ def de_metrics(fdr_real, lfc_real, fdr_pred, lfc_pred) -> dict[str, torch.Tensor
     q = fdr_pred.to(torch.float32).clamp(1e-10, 1.0)
     score = -(torch.log(q.to(torch.float64)).to(torch.float32) / torch.tensor(
         math.log(10.0), dtype=torch.float32))
-    ascending = torch.sort(score, dim=-1, stable=True).indices  # one sort for both AUCs
+    ascending = ascending_order(score)  # one sort for both AUCs
     out["pr_auc"] = average_precision_rows(sig_real, score, ascending)
     out["roc_auc"] = roc_auc_rows(sig_real, score, ascending)
     return out

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from .._extension import has_kernel
-from .ranking import run_bounds
+from .ranking import ascending_order, run_bounds
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,8 @@ def _p_values(u1: torch.Tensor, tie: torch.Tensor, n1: torch.Tensor,
 def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:
     """BH-adjusted p-values along the last dim (``scipy.stats.false_discovery_control``)."""
     m = p.shape[-1]
-    sorted_p, order = torch.sort(p, dim=-1)
+    order = ascending_order(p)  # tied p-values get the same adjusted value in any order
+    sorted_p = p.gather(-1, order)
     i = torch.arange(1, m + 1, dtype=p.dtype, device=p.device)
     adj = sorted_p * (m / i)
     adj = adj.flip(-1).cummin(-1).values.flip(-1)
