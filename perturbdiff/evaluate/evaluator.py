@@ -323,13 +323,10 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
         # One Pearson correlation across the context's perturbations (scipy's pearsonr).
         value = masked_pearson(cols.pop("_edist_real")[None], cols.pop("_edist_pred")[None])
         cols["pearson_edistance"] = value.expand(n)
-    frame = pd.DataFrame({"perturbation": groups.perts})
-    if groups.context is not None:
-        frame.insert(0, "context", groups.context)
-    for m in catalog.ALL_METRICS:
-        if m in wanted:
-            frame[m] = cols[m].to(torch.float64).cpu().numpy()
-    return frame
+    keys = ({"context": [groups.context] * n} if groups.context is not None else {}) | {
+        "perturbation": groups.perts}
+    return pd.DataFrame(keys | {m: cols[m].to(torch.float64).cpu().numpy()
+                                for m in catalog.ALL_METRICS if m in wanted})
 
 
 def evaluate(pred: ad.AnnData | str | os.PathLike, real: ad.AnnData | str | os.PathLike,
