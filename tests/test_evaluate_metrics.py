@@ -21,6 +21,7 @@ from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
 from perturbdiff.evaluate.inputs import StoredCells, load_anndata
 from perturbdiff.evaluate.baselines import make_baseline
+from perturbdiff.evaluate import de_metrics as de_metrics_module
 from perturbdiff.evaluate.de_metrics import de_metrics, de_spearman_sig
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
 from perturbdiff.evaluate.expression import discrimination_scores, mean_metrics
@@ -242,6 +243,20 @@ def test_de_metrics_by_hand():
     none = de_metrics(torch.full((1, 5), 0.9, dtype=torch.float64), lfc_r, fdr_p, lfc_p)
     assert none["overlap_at_N"].item() == 0.0 and math.isnan(none["de_direction_match"].item())
     assert de_spearman_sig(torch.tensor([0, 0]), torch.tensor([1, 2])) == 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), genes=st.integers(1, 30))
+def test_sig_rank_of_selected_genes_equals_whole_row_sorts(seed, genes):
+    """The CPU ranking of the significant genes alone equals the two stable sorts of whole rows,
+    ties (in |LFC|, FDR and both) and infinite fold changes included."""
+    rng = np.random.default_rng(seed)
+    sig = torch.from_numpy(rng.random((4, genes)) < 0.6)
+    abs_lfc = torch.from_numpy(rng.choice([0.0, 0.5, 1.0, 2.0, np.inf], (4, genes)))
+    fdr = torch.from_numpy(rng.choice([0.0, 0.01, 0.02], (4, genes)))
+    fast = de_metrics_module._sig_rank_selected(sig, abs_lfc, fdr)
+    assert torch.equal(fast, de_metrics_module._sig_rank_sorted(sig, abs_lfc, fdr))
+    assert torch.equal(fast, de_metrics_module._sig_rank(sig, abs_lfc, fdr))
 
 
 def test_log2_fold_change_edge_cases():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .ranking import ascending_order, average_precision_rows, masked_spearman, roc_auc_rows
@@ -24,10 +25,29 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def _sig_rank(sig: torch.Tensor, abs_lfc: torch.Tensor, fdr: torch.Tensor) -> torch.Tensor:
     """0-based position of each significant gene in the |LFC|-descending list (ties by FDR,
-    then gene order); G if not significant."""
+    then gene order); G if not significant. FDR and |LFC| hold float32 values (cell-eval's
+    rounding) and are compared as float32."""
+    if sig.device.type == "cpu" and not bool((abs_lfc.isnan() | fdr.isnan()).any()):
+        return _sig_rank_selected(sig, abs_lfc, fdr)
+    return _sig_rank_sorted(sig, abs_lfc, fdr)
+
+
+def _sig_rank_selected(sig, abs_lfc, fdr) -> torch.Tensor:
+    """``_sig_rank`` on CPU (NaN-free keys): each row's significant genes (a few per cent of
+    them, typically) sorted alone, ~3 ms less than two stable sorts of whole rows at 2,000 genes."""
     n_genes = sig.shape[-1]
-    # FDR and |LFC| hold float32 values (cell-eval's rounding): sorted as float32, the same order
-    # at half the memory traffic.
+    pos = np.full(sig.shape, n_genes, dtype=np.int64)
+    lfc32, fdr32 = abs_lfc.to(torch.float32).numpy(), fdr.to(torch.float32).numpy()
+    for row, (s, lfc, q) in enumerate(zip(sig.numpy(), lfc32, fdr32)):
+        genes = np.flatnonzero(s)
+        order = genes[np.lexsort((genes, q[genes], -lfc[genes]))]
+        pos[row, order] = np.arange(len(order))
+    return torch.from_numpy(pos)
+
+
+def _sig_rank_sorted(sig, abs_lfc, fdr) -> torch.Tensor:
+    """``_sig_rank`` by two stable sorts of whole rows (any device)."""
+    n_genes = sig.shape[-1]
     by_fdr = torch.sort(fdr.to(torch.float32), dim=-1, stable=True).indices
     key = torch.where(sig, abs_lfc, -1.0).gather(-1, by_fdr)  # non-significant sort last
     order = by_fdr.gather(-1, torch.sort(key.to(torch.float32), dim=-1, descending=True,
