@@ -119,10 +119,11 @@ class RowTiles {
 
 // Rows of a CSR matrix B [rows, m] stored in more than kDenseRowFraction of their m columns, copied dense
 // ([count, m], row k at slot[k], -1 for the others). A sparse row's entries in them go through the
-// epilogue table's register-blocked add_rows over all m columns (~0.2 cycles per multiply-add, zeros
-// included), the others through Gustavson's scattered multiply-adds over stored pairs only (~3 cycles
-// each; Zen 4). The threshold is the measured best at 500 to 18,080 genes (0.03 to 0.1 within 5 %; at
-// 2,000 genes the evaluator's distance kernels take 25 % less time than with Gustavson alone). The
+// epilogue table's register-blocked add_rows over all m columns (~0.13 cycles per multiply-add, zeros
+// included: the FMA units' roof), the others through Gustavson's scattered multiply-adds over stored pairs
+// only (~2-3 cycles each; Zen 4). The threshold is the measured best at 500 to 18,080 genes (0.03 to 0.1
+// within 5 %; one thread at 2,000 genes, within_distance and distance_to take 20-27 % less time than with
+// Gustavson alone). The
 // densest rows come first while they fit in kDenseRowBytes (more of them, read once per block of rows,
 // spill out of L3: slower at 18,080 genes); the rest stay sparse.
 constexpr double kDenseRowFraction = 0.05;

@@ -7,8 +7,8 @@
 // Blocks of rows: a block's Gram rows against the whole reference are its dense part times the
 // reference's (at::mm) plus the sparse products (into the same rows, one column tile of csr.h's after
 // another so that the reference rows a tile reads stay in L2; Gustavson's for the reference's sparse
-// genes, the epilogue table's add_rows for the genes stored in a large fraction of its cells), reduced at once to
-// distance sums by the norm expansion of evaluate/distribution.py; the Gram block (kBlockRows x m)
+// genes, the epilogue table's add_rows for the genes stored in a large fraction of its cells), reduced
+// at once to distance sums by the norm expansion of evaluate/distribution.py; the Gram block (kBlockRows x m)
 // stays in L2 and is never handed back. Row sums in double; threads own disjoint rows, so the
 // result is bitwise reproducible.
 #include <ATen/ATen.h>

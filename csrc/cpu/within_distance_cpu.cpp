@@ -13,8 +13,9 @@
 // by at::mm and the sparse part by Gustavson's product over a column-major copy of the rows the
 // block needs, built one column tile at a time (csr.h's kTileColumns, so that it stays in L2; for
 // each stored (k, v) of row p, the stored S[q, k] with q >= p, from a per-column cursor that only
-// moves forward as p does; columns stored in a large fraction of those rows are copied dense instead and
-// added by the epilogue table's add_rows), so only upper triangles are computed and memory is O(block x segment).
+// moves forward as p does; columns stored in a large fraction of those rows are copied dense instead
+// and added by the epilogue table's add_rows), so only upper triangles are computed and memory is
+// O(block x segment).
 // Squared norms come first, row by row (duplicate column indices in a row add up like the dense
 // matrix's). Distances follow the norm expansion of evaluate/distribution.py:
 // D_pq = max((-2 G_pq + |p|^2) + |q|^2, 0), self-pairs 0; each unordered pair counts twice; row sums
@@ -42,8 +43,9 @@ constexpr int64_t kBlockRows = 128;
 // acc row (p - r0) [q - r0] += v * S[q, k] over the stored (k, v) of rows p in [r0, r1) and q in [p, end):
 // the sparse part of the block's Gram rows, one column tile at a time.
 template <typename scalar_t, typename index_t>
-void add_sparse_block(TileColumns<scalar_t, index_t>& c, DenseEntries<scalar_t>& gathered, const index_t* rp, const index_t* idx, const scalar_t* v,
-                      int64_t cols, int64_t tile, int64_t r0, int64_t r1, int64_t end, scalar_t* acc) {
+void add_sparse_block(TileColumns<scalar_t, index_t>& c, DenseEntries<scalar_t>& gathered, const index_t* rp,
+                      const index_t* idx, const scalar_t* v, int64_t cols, int64_t tile, int64_t r0, int64_t r1,
+                      int64_t end, scalar_t* acc) {
   const int64_t width = end - r0;
   c.rows.start(rp, idx, r0, end);
   for (int64_t g0 = 0; g0 < cols; g0 += tile) {

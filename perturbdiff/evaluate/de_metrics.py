@@ -33,8 +33,9 @@ def _sig_rank(sig: torch.Tensor, abs_lfc: torch.Tensor, fdr: torch.Tensor) -> to
 
 
 def _sig_rank_selected(sig, abs_lfc, fdr) -> torch.Tensor:
-    """``_sig_rank`` on CPU (NaN-free keys): each row's significant genes (a few per cent of
-    them, typically) sorted alone, ~3 ms less than two stable sorts of whole rows at 2,000 genes."""
+    """``_sig_rank`` on CPU (NaN-free keys): each row's significant genes sorted alone (33 rows
+    of 2,000 genes, half of them significant: 2.8 ms against 3.2 ms for the two stable sorts of
+    whole rows; less when fewer genes are significant)."""
     n_genes = sig.shape[-1]
     pos = np.full(sig.shape, n_genes, dtype=np.int64)
     lfc32, fdr32 = abs_lfc.to(torch.float32).numpy(), fdr.to(torch.float32).numpy()
