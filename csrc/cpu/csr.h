@@ -123,11 +123,15 @@ class RowTiles {
 // included: the FMA units' roof), the others through Gustavson's scattered multiply-adds over stored pairs
 // only (~2-3 cycles each; Zen 4). The threshold is the measured best at 500 to 18,080 genes (0.03 to 0.1
 // within 5 %; one thread at 2,000 genes, within_distance and distance_to take 20-27 % less time than with
-// Gustavson alone). The
-// densest rows come first while they fit in kDenseRowBytes (more of them, read once per block of rows,
-// spill out of L3: slower at 18,080 genes); the rest stay sparse.
+// Gustavson alone). The densest rows come first while they fit in kDenseRowBytes (more of them, read once
+// per block of rows, spill out of L3: slower at 18,080 genes); the rest stay sparse.
 constexpr double kDenseRowFraction = 0.05;
 constexpr int64_t kDenseRowBytes = int64_t(16) << 20;
+
+// The rule above for a row (or column) storing `stored` of its `length` values.
+inline bool dense_enough(int64_t stored, int64_t length, double fraction = kDenseRowFraction) {
+  return static_cast<double>(stored) > fraction * static_cast<double>(length);
+}
 
 template <typename scalar_t>
 struct DenseRows {
@@ -140,7 +144,7 @@ struct DenseRows {
       : slot(rows, -1), m(m) {
     std::vector<int64_t> dense;
     for (int64_t k = 0; k < rows; ++k)
-      if (static_cast<double>(ptr[k + 1] - ptr[k]) > kDenseRowFraction * static_cast<double>(m)) dense.push_back(k);
+      if (dense_enough(ptr[k + 1] - ptr[k], m)) dense.push_back(k);
     std::stable_sort(dense.begin(), dense.end(),
                      [&](int64_t a, int64_t b) { return ptr[a + 1] - ptr[a] > ptr[b + 1] - ptr[b]; });
     const int64_t fit = kDenseRowBytes / std::max<int64_t>(m * static_cast<int64_t>(sizeof(scalar_t)), 1);
@@ -203,8 +207,7 @@ struct TileColumns {
     const int64_t fit = kDenseRowBytes / (width * static_cast<int64_t>(sizeof(scalar_t)));
     int64_t dense_columns = 0;
     for (int64_t k = 0; k < columns; ++k) {
-      const bool is_dense =
-          static_cast<double>(ptr[k + 1]) > dense_fraction * static_cast<double>(width) && dense_columns < fit;
+      const bool is_dense = dense_enough(ptr[k + 1], width, dense_fraction) && dense_columns < fit;
       slot[k] = is_dense ? dense_columns++ : -1;
       if (is_dense) ptr[k + 1] = 0;
     }
