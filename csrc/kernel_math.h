@@ -65,6 +65,14 @@ template <typename T>
 PD_HOST_DEVICE T where_ge(T d, T threshold, T value) { return d >= threshold ? value : T(0); }
 }  // namespace math
 
+// |a - b|^2 from the Gram entry a.b and the squared norms by the norm expansion of
+// evaluate/distribution.py, max((-2 a.b + |a|^2) + |b|^2, 0) (the evaluator's sparse kernels). V is a
+// scalar or a SIMD vector type.
+template <typename V>
+PD_HOST_DEVICE V squared_distance(V gram, V sq_a, V sq_b) {
+  return math::vmax(V(-2) * gram + sq_a + sq_b, V(0));
+}
+
 // f(D). V is a scalar or a SIMD vector type, T its element type.
 template <Kernel K, typename V, typename T>
 PD_HOST_DEVICE V radial_value(const RadialParams<T>& p, V d) {

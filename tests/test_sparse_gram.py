@@ -306,12 +306,31 @@ def test_distances_mix_scattered_and_dense_products(dtype, ascending):
     np.testing.assert_allclose(out.double().numpy(), cdist(full[:223], full[223:]).mean(1), **tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_row_products_for_every_reference_size(dtype):
+    """Reference sets of 1 to 80 cells, their genes all stored in most of them (dense rows): rows
+    shorter than one vector, every number of whole vectors after the register blocks, with and
+    without a part of one; against cdist."""
+    rng = np.random.default_rng(5)
+    x, ref = _random_csr(rng, 30, 20, 0.3, dtype=dtype), _random_csr(rng, 80, 20, 0.7, dtype=dtype)
+    d, ref_d = (torch.from_numpy(rng.random((r, 1)).astype(dtype)) for r in (30, 80))
+    full, ref_full = (np.hstack([a.toarray(), b.numpy()]).astype(np.float64)
+                      for a, b in ((x, d), (ref, ref_d)))
+    tol = dict(rtol=2e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-9)
+    sq, ref_sq = _sq_norms(x, d), _sq_norms(ref, ref_d)
+    for m in range(1, 81):
+        out = _distance_to(x, d, sq, ref[:m], ref_d[:m], ref_sq[:m])
+        np.testing.assert_allclose(out.double().numpy(), cdist(full, ref_full[:m]).mean(1),
+                                   err_msg=f"{m} reference cells", **tol)
+
+
 def test_dense_products_of_the_portable_build():
-    """ATEN_CPU_CAPABILITY=default selects the non-AVX2 build of the dense-row products: the test
-    above passes with it too."""
+    """ATEN_CPU_CAPABILITY=default selects the non-AVX2 build of the dense-row products: the tests
+    above pass with it too."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                    "mix_scattered_and_dense"], env=env, check=True, capture_output=True)
+                    "mix_scattered_and_dense or every_reference_size"], env=env, check=True,
+                   capture_output=True)
 
 
 def test_distance_to_is_bitwise_reproducible_and_opchecked():

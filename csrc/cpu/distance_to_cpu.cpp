@@ -74,7 +74,7 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
       std::atomic<int64_t> next{0};
       at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
         RowTiles<index_t> tiles;
-        DenseEntries<scalar_t> gathered;
+        SplitEntries<scalar_t, index_t> split;
         for (int64_t b = next++; b < blocks; b = next++) {
           const int64_t r0 = b * kBlockRows, r1 = std::min(r0 + kBlockRows, n);
           at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), ref_dense);
@@ -82,7 +82,7 @@ at::Tensor distance_to_cpu(const at::Tensor& ptr_, const at::Tensor& idx_, const
           tiles.start(pp, ip, r0, r1);
           for (int64_t g0 = 0; g0 < cols; g0 += tile)
             for (int64_t p = r0; p < r1; ++p)
-              add_product_row(ip, vp, tiles.take(p, g0 + tile), rpp, rip, rvp, ref_rows, gathered,
+              add_product_row(ip, vp, tiles.take(p, g0 + tile), rpp, rip, rvp, ref_rows, split,
                               g + (p - r0) * m);
           for (int64_t p = r0; p < r1; ++p) {
             const double total = distance_sum(g + (p - r0) * m, sqp[p], rsq, m);

@@ -68,6 +68,9 @@ struct EpilogueTable {
   // out[j] += sum_e v[e] rows[slot[e] * ld + j] for j < n: a sparse row's entries in the densified rows
   // of the other operand (csr.h's DenseRows), each output loaded and stored once.
   void (*add_rows)(const T* v, const int64_t* slot, int64_t count, const T* rows, int64_t ld, int64_t n, T* out);
+  // sum_q sqrt(max((-2 gram[q] + sq_p) + sq_q[q], 0)) over q < n, in double: a Gram row's Euclidean
+  // distances summed (csr.h's norm expansion).
+  double (*distance_sum)(const T* gram, T sq_p, const T* sq_q, int64_t n);
 };
 
 }  // namespace perturbdiff::cpu

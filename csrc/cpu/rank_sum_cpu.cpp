@@ -156,15 +156,18 @@ inline std::pair<double, double> rank_stats(std::vector<double>& buf, double zer
   }
   const double *negative = c, *positive = c + lo0 + tc0, *end = c + n_ctrl;
   if (buf.size() <= RepeatCheck::kMaxValues && !repeats.has_repeat(buf)) {
-    for (const double v : buf) {  // t_x = 1 for every value
+    // t_x = 1 for every value: its share of U1 is (#below + #equal / 2), of the tie term f(1 + t_c) - f(t_c)
+    // = 3 t_c (t_c + 1); both summed as integers (twice U1's), exact and without a chain of float adds.
+    int64_t twice_u = 0, ties = 0;
+    for (const double v : buf) {
       const double* lo = v > 0.0 ? positives.lower_bound(v) : lower_bound_branchless(negative, c + lo0, v);
       const double* hi = lo;
       while (hi < end && *hi == v) ++hi;
-      const double tc = static_cast<double>(hi - lo);
-      u += static_cast<double>(lo - c) + 0.5 * tc;
-      t += tie_count(1.0 + tc) - tie_count(tc);
+      const int64_t tc = hi - lo;
+      twice_u += 2 * (lo - c) + tc;
+      ties += 3 * tc * (tc + 1);
     }
-    return {u, t};
+    return {u + 0.5 * static_cast<double>(twice_u), t + static_cast<double>(ties)};
   }
   std::sort(buf.begin(), buf.end());
   const double* from = c;

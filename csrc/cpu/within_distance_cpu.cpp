@@ -38,12 +38,14 @@
 namespace perturbdiff::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 128;
+// Rows per block: each block rebuilds the column tiles of the rows after it, so larger blocks rebuild less
+// (256 against 128: within_distance 8 % faster at 2,000 genes, the same at 500 and 18,080).
+constexpr int64_t kBlockRows = 256;
 
 // acc row (p - r0) [q - r0] += v * S[q, k] over the stored (k, v) of rows p in [r0, r1) and q in [p, end):
 // the sparse part of the block's Gram rows, one column tile at a time.
 template <typename scalar_t, typename index_t>
-void add_sparse_block(TileColumns<scalar_t, index_t>& c, DenseEntries<scalar_t>& gathered, const index_t* rp,
+void add_sparse_block(TileColumns<scalar_t, index_t>& c, SplitEntries<scalar_t, index_t>& split, const index_t* rp,
                       const index_t* idx, const scalar_t* v, int64_t cols, int64_t tile, int64_t r0, int64_t r1,
                       int64_t end, scalar_t* acc) {
   const int64_t width = end - r0;
@@ -52,21 +54,17 @@ void add_sparse_block(TileColumns<scalar_t, index_t>& c, DenseEntries<scalar_t>&
     c.build(rp, idx, v, r0, end, g0, std::min(cols, g0 + tile));
     for (int64_t p = r0; p < r1; ++p) {
       scalar_t* a = acc + (p - r0) * width - r0;
-      const auto [first, next] = c.rows.taken(p);
-      gathered.clear();
-      for (index_t e = first; e < next; ++e) {
-        const int64_t k = idx[e] - g0;
-        if (c.slot[k] >= 0) {
-          gathered.push(v[e], c.slot[k]);
-          continue;
-        }
+      split.split(idx, v, c.rows.taken(p), c.slot.data(), g0);
+      for (int64_t e = 0; e < split.sparse_count; ++e) {
+        const int64_t k = split.sparse_col[e] - g0;
+        const scalar_t x = split.sparse_val[e];
         int64_t j = c.cursor[k];
         while (c.row[j] < p) ++j;  // row p itself stores column k: the loop stops there
         c.cursor[k] = j;
         const int64_t stop = c.ptr[k + 1];
-        for (; j < stop; ++j) a[c.row[j]] += v[e] * c.val[j];
+        for (; j < stop; ++j) a[c.row[j]] += x * c.val[j];
       }
-      gathered.add_to(c.dense.data() + (p - r0), width, end - p, a + p);
+      split.add_dense(c.dense.data() + (p - r0), width, end - p, a + p);
     }
   }
 }
@@ -204,14 +202,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> within_distance_cpu(
       const int64_t n_blocks = static_cast<int64_t>(blocks.size());
       at::parallel_for(0, std::min<int64_t>(n_blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
         TileColumns<scalar_t, index_t> columns(tile, kDenseRowFraction);
-        DenseEntries<scalar_t> gathered;
+        SplitEntries<scalar_t, index_t> split;
         std::vector<scalar_t> d;
         for (int64_t b = next++; b < n_blocks; b = next++) {
           const auto [r0, r1, m, end] = blocks[b];
           const int64_t width = end - r0;  // columns q in [r0, end)
           at::Tensor gram = dense_gram(dense.narrow(0, r0, r1 - r0), dense.narrow(0, r0, width));
           scalar_t* g = gram.data_ptr<scalar_t>();
-          add_sparse_block(columns, gathered, pp, ip, vp, cols, tile, r0, r1, end, g);
+          add_sparse_block(columns, split, pp, ip, vp, cols, tile, r0, r1, end, g);
           for (int64_t p = r0; p < r1; ++p) {
             const scalar_t* row = g + (p - r0) * width - r0;  // row[q]: G_pq
             const int64_t own_end = p < m ? m : end;           // q in (p, own_end): p's own part
