@@ -69,7 +69,7 @@ struct EpilogueTable {
   // of the other operand (csr.h's DenseRows), each output loaded and stored once.
   void (*add_rows)(const T* v, const int64_t* slot, int64_t count, const T* rows, int64_t ld, int64_t n, T* out);
   // sum_q sqrt(max((-2 gram[q] + sq_p) + sq_q[q], 0)) over q < n, in double: a Gram row's Euclidean
-  // distances summed (csr.h's norm expansion).
+  // distances summed (kernel_math.h's squared_distance).
   double (*distance_sum)(const T* gram, T sq_p, const T* sq_q, int64_t n);
 };
 
