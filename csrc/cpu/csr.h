@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -133,6 +132,12 @@ inline bool dense_enough(int64_t stored, int64_t length, double fraction = kDens
   return static_cast<double>(stored) > fraction * static_cast<double>(length);
 }
 
+// How many dense copies of `length` values of scalar_t fit in kDenseRowBytes.
+template <typename scalar_t>
+int64_t dense_copies_that_fit(int64_t length) {
+  return kDenseRowBytes / std::max<int64_t>(length * static_cast<int64_t>(sizeof(scalar_t)), 1);
+}
+
 template <typename scalar_t>
 struct DenseRows {
   std::vector<int64_t> slot;
@@ -147,8 +152,7 @@ struct DenseRows {
       if (dense_enough(ptr[k + 1] - ptr[k], m)) dense.push_back(k);
     std::stable_sort(dense.begin(), dense.end(),
                      [&](int64_t a, int64_t b) { return ptr[a + 1] - ptr[a] > ptr[b + 1] - ptr[b]; });
-    const int64_t fit = kDenseRowBytes / std::max<int64_t>(m * static_cast<int64_t>(sizeof(scalar_t)), 1);
-    dense.resize(std::min<int64_t>(dense.size(), fit));
+    dense.resize(std::min<int64_t>(dense.size(), dense_copies_that_fit<scalar_t>(m)));
     values.assign(dense.size() * m, scalar_t(0));
     for (size_t s = 0; s < dense.size(); ++s) {
       const int64_t k = dense[s];
@@ -230,7 +234,7 @@ struct TileColumns {
       const auto [first, next] = rows.take(p, g1);
       for (index_t e = first; e < next; ++e) ++ptr[idx[e] - g0 + 1];
     }
-    const int64_t fit = kDenseRowBytes / (width * static_cast<int64_t>(sizeof(scalar_t)));
+    const int64_t fit = dense_copies_that_fit<scalar_t>(width);
     int64_t dense_columns = 0;
     for (int64_t k = 0; k < columns; ++k) {
       const bool is_dense = dense_enough(ptr[k + 1], width, dense_fraction) && dense_columns < fit;
