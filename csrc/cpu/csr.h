@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -127,6 +128,10 @@ class RowTiles {
 constexpr double kDenseRowFraction = 0.05;
 constexpr int64_t kDenseRowBytes = int64_t(16) << 20;
 
+// A row's slot in DenseRows (and a column's in TileColumns): >= 0 its dense copy; these two otherwise.
+constexpr int64_t kScattered = -1;  // stored sparse: Gustavson's multiply-adds
+constexpr int64_t kElsewhere = -2;  // multiplied by another path of the caller: entries meeting it are dropped
+
 // The rule above for a row (or column) storing `stored` of its `length` values.
 inline bool dense_enough(int64_t stored, int64_t length, double fraction = kDenseRowFraction) {
   return static_cast<double>(stored) > fraction * static_cast<double>(length);
@@ -138,6 +143,7 @@ int64_t dense_copies_that_fit(int64_t length) {
   return kDenseRowBytes / std::max<int64_t>(length * static_cast<int64_t>(sizeof(scalar_t)), 1);
 }
 
+// Rows marked in `elsewhere` (may be null) take slot kElsewhere.
 template <typename scalar_t>
 struct DenseRows {
   std::vector<int64_t> slot;
@@ -145,11 +151,16 @@ struct DenseRows {
   int64_t m;
 
   template <typename index_t>
-  DenseRows(const index_t* ptr, const index_t* idx, const scalar_t* val, int64_t rows, int64_t m)
-      : slot(rows, -1), m(m) {
+  DenseRows(const index_t* ptr, const index_t* idx, const scalar_t* val, int64_t rows, int64_t m,
+            const uint8_t* elsewhere = nullptr)
+      : slot(rows, kScattered), m(m) {
     std::vector<int64_t> dense;
-    for (int64_t k = 0; k < rows; ++k)
-      if (dense_enough(ptr[k + 1] - ptr[k], m)) dense.push_back(k);
+    for (int64_t k = 0; k < rows; ++k) {
+      if (elsewhere != nullptr && elsewhere[k])
+        slot[k] = kElsewhere;
+      else if (dense_enough(ptr[k + 1] - ptr[k], m))
+        dense.push_back(k);
+    }
     std::stable_sort(dense.begin(), dense.end(),
                      [&](int64_t a, int64_t b) { return ptr[a + 1] - ptr[a] > ptr[b + 1] - ptr[b]; });
     dense.resize(std::min<int64_t>(dense.size(), dense_copies_that_fit<scalar_t>(m)));
@@ -163,9 +174,9 @@ struct DenseRows {
 };
 
 // Per thread: one sparse row's entries split by the other operand's row k they meet (slot[k] >= 0: a
-// dense copy, added by add_rows in one pass over the output row; else stored sparse, for Gustavson's
-// multiply-adds). The split is branch-free: it follows the genes, a pattern no branch predictor learns
-// (a branch per entry cost distance_to ~10 %).
+// dense copy, added by add_rows in one pass over the output row; kScattered: stored sparse, for
+// Gustavson's multiply-adds; kElsewhere: dropped). The split is branch-free: it follows the genes, a
+// pattern no branch predictor learns (a branch per entry cost distance_to ~10 %).
 template <typename scalar_t, typename index_t>
 struct SplitEntries {
   std::vector<scalar_t> dense_val, sparse_val;
@@ -195,9 +206,8 @@ struct SplitEntries {
       ds[nd] = s;
       sv[ns] = v;
       sc[ns] = k;
-      const bool is_dense = s >= 0;
-      nd += is_dense;
-      ns += !is_dense;
+      nd += s >= 0;
+      ns += s == kScattered;
     }
     dense_count = nd;
     sparse_count = ns;
@@ -238,7 +248,7 @@ struct TileColumns {
     int64_t dense_columns = 0;
     for (int64_t k = 0; k < columns; ++k) {
       const bool is_dense = dense_enough(ptr[k + 1], width, dense_fraction) && dense_columns < fit;
-      slot[k] = is_dense ? dense_columns++ : -1;
+      slot[k] = is_dense ? dense_columns++ : kScattered;
       if (is_dense) ptr[k + 1] = 0;
     }
     for (int64_t k = 0; k < columns; ++k) ptr[k + 1] += ptr[k];
