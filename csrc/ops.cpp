@@ -59,5 +59,12 @@ TORCH_LIBRARY(perturbdiff, m) {
   // [groups, cols] tensor, group i being rows[offsets[i]:offsets[i + 1]]: the evaluator's pseudobulk
   // means. CPU only.
   m.def("group_sums(Tensor ptr, Tensor idx, Tensor val, Tensor rows, Tensor offsets, int cols) -> Tensor");
+  // cell-eval's DE recovery metrics per perturbation from [P, G] float64 FDR and log2 fold changes of
+  // the real and the predicted file (no NaN), as [2 (len(top_k) + 1) + 7, P] float64 rows: overlap_at_N,
+  // precision_at_N, overlap_at_k and precision_at_k per k of top_k, de_direction_match,
+  // de_spearman_lfc_sig, de_sig_genes_recall, de_nsig_counts_real, de_nsig_counts_pred, pr_auc, roc_auc.
+  // CPU only; the torch version is in evaluate/de_metrics.py.
+  m.def("de_metrics(Tensor fdr_real, Tensor lfc_real, Tensor fdr_pred, Tensor lfc_pred, float fdr_threshold, "
+        "int[] top_k) -> Tensor");
   m.def("build_info() -> str", &perturbdiff::build_info);
 }

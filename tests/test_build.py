@@ -39,6 +39,8 @@ SCHEMAS = {
                    "Tensor ref_ptr, Tensor ref_idx, Tensor ref_val, Tensor ref_dense, Tensor ref_sq) -> Tensor",
     "split_columns": "perturbdiff::split_columns(Tensor ptr, Tensor idx, Tensor val, Tensor position, "
                      "int dense_cols) -> (Tensor, Tensor, Tensor, Tensor)",
+    "de_metrics": "perturbdiff::de_metrics(Tensor fdr_real, Tensor lfc_real, Tensor fdr_pred, Tensor lfc_pred, "
+                  "float fdr_threshold, int[] top_k) -> Tensor",
     "group_sums": "perturbdiff::group_sums(Tensor ptr, Tensor idx, Tensor val, Tensor rows, Tensor offsets, "
                   "int cols) -> Tensor",
 }

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 
+from perturbdiff._extension import has_kernel
 from perturbdiff.evaluate import InputError, describe, evaluate, score_tables
 from perturbdiff.evaluate.inputs import StoredCells, load_anndata
 from perturbdiff.evaluate.baselines import make_baseline
@@ -225,7 +226,8 @@ def test_discrimination_score_by_hand():
     assert s["discrimination_score_l1"][0].item() == 1.0
 
 
-def test_de_metrics_by_hand():
+@pytest.mark.parametrize("de_metrics", [de_metrics, de_metrics_module.de_metrics_torch])
+def test_de_metrics_by_hand(de_metrics):
     # 5 genes; real DE genes 0,1,2 (|LFC| 3,2,1); pred DE genes 1,0,4 (|LFC| 5,4,1).
     fdr_r = torch.tensor([[0.01, 0.01, 0.01, 0.5, 0.5]], dtype=torch.float64)
     lfc_r = torch.tensor([[3.0, -2.0, 1.0, 0.1, 0.0]], dtype=torch.float64)
@@ -245,18 +247,57 @@ def test_de_metrics_by_hand():
     assert de_spearman_sig(torch.tensor([0, 0]), torch.tensor([1, 2])) == 1.0
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), genes=st.integers(1, 30))
-def test_sig_rank_of_selected_genes_equals_whole_row_sorts(seed, genes):
-    """The CPU ranking of the significant genes alone equals the two stable sorts of whole rows,
-    ties (in |LFC|, FDR and both) and infinite fold changes included."""
+needs_de_kernel = pytest.mark.skipif(not has_kernel("de_metrics"),
+                                     reason="this build lacks perturbdiff::de_metrics")
+
+
+def _de_inputs(rng, perts, genes):
+    """FDR and LFC matrices full of what the ranks must handle: ties in |LFC| and FDR (and
+    both), FDRs at the threshold, infinite and signed-zero fold changes, rows with no, one or
+    every gene significant."""
+    fdr = rng.choice([0.0, 0.01, 0.02, 0.049999, 0.05, 0.3, 1.0], (perts, genes))
+    fdr[0] = 0.9  # nothing significant
+    if perts > 1:
+        fdr[1] = 0.01  # everything significant
+    lfc = rng.choice([0.0, -0.0, 0.5, -0.5, 1.0, -2.0, np.inf, -np.inf], (perts, genes))
+    lfc = np.where(rng.random((perts, genes)) < 0.5, lfc, rng.normal(size=(perts, genes)))
+    return torch.from_numpy(fdr), torch.from_numpy(lfc)
+
+
+@needs_de_kernel
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), perts=st.integers(1, 6),
+       genes=st.one_of(st.integers(1, 40), st.integers(60, 700)))  # top-50..500 lists cut tie runs
+def test_compiled_de_metrics_equal_the_torch_version(seed, perts, genes):
     rng = np.random.default_rng(seed)
-    sig = torch.from_numpy(rng.random((4, genes)) < 0.6)
-    abs_lfc = torch.from_numpy(rng.choice([0.0, 0.5, 1.0, 2.0, np.inf], (4, genes)))
-    fdr = torch.from_numpy(rng.choice([0.0, 0.01, 0.02], (4, genes)))
-    fast = de_metrics_module._sig_rank_selected(sig, abs_lfc, fdr)
-    assert torch.equal(fast, de_metrics_module._sig_rank_sorted(sig, abs_lfc, fdr))
-    assert torch.equal(fast, de_metrics_module._sig_rank(sig, abs_lfc, fdr))
+    inputs = (*_de_inputs(rng, perts, genes), *_de_inputs(rng, perts, genes))
+    compiled = de_metrics(*inputs)
+    reference = de_metrics_module.de_metrics_torch(*inputs)
+    assert compiled.keys() == reference.keys()
+    for name, ref in reference.items():  # (a few of the torch version's are float32 values)
+        torch.testing.assert_close(compiled[name], ref.to(torch.float64), rtol=0, atol=1e-12,
+                                   equal_nan=True, msg=name)
+
+
+@needs_de_kernel
+def test_de_metrics_op_opcheck_and_nan():
+    from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
+
+    rng = np.random.default_rng(0)
+    # every metric defined (opcheck compares without NaN): both classes in every row
+    values = [torch.from_numpy(rng.random((4, 30)) * 0.1), torch.from_numpy(rng.normal(size=(4, 30)))]
+    torch.library.opcheck(torch.ops.perturbdiff.de_metrics.default, (*values, *values[::-1], 0.05, [5, 10]))
+    inputs = (*_de_inputs(rng, 4, 30), *_de_inputs(rng, 4, 30))
+    nan_fdr = inputs[0].clone()
+    nan_fdr[2, 3] = math.nan
+    with pytest.raises(ValueError, match="must not hold NaN"):
+        torch.ops.perturbdiff.de_metrics(nan_fdr, *inputs[1:], 0.05, [5])
+    with pytest.raises(TypeError, match="must be float64"):
+        torch.ops.perturbdiff.de_metrics(inputs[0].float(), *inputs[1:], 0.05, [5])
+    # NaN goes to the torch version, which defines it
+    got = de_metrics(nan_fdr, *inputs[1:])
+    for name, ref in de_metrics_module.de_metrics_torch(nan_fdr, *inputs[1:]).items():
+        torch.testing.assert_close(got[name], ref, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def test_log2_fold_change_edge_cases():

@@ -67,6 +67,10 @@ def _register_op_meta() -> None:
         shape = (seg_start.shape[0] - 1, ctrl_sorted.shape[0])
         return ctrl_sorted.new_empty(shape), ctrl_sorted.new_empty(shape)
 
+    @_fake("de_metrics")
+    def _(fdr_real, lfc_real, fdr_pred, lfc_pred, fdr_threshold, top_k):
+        return fdr_real.new_empty(2 * (len(top_k) + 1) + 7, fdr_real.shape[0])
+
     @_fake("split_columns")
     def _(ptr, idx, val, position, dense_cols):
         kept = torch.library.get_ctx().new_dynamic_size()
