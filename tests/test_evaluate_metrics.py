@@ -253,8 +253,8 @@ needs_de_kernel = pytest.mark.skipif(not has_kernel("de_metrics"),
 
 def _de_inputs(rng, perts, genes):
     """FDR and LFC matrices full of what the ranks must handle: ties in |LFC| and FDR (and
-    both), FDRs at the threshold, infinite and signed-zero fold changes, rows with no, one or
-    every gene significant."""
+    both), FDRs at the threshold, infinite and signed-zero fold changes, rows with no or every
+    gene significant."""
     fdr = rng.choice([0.0, 0.01, 0.02, 0.049999, 0.05, 0.3, 1.0], (perts, genes))
     fdr[0] = 0.9  # nothing significant
     if perts > 1:
@@ -284,9 +284,11 @@ def test_de_metrics_op_opcheck_and_nan():
     from perturbdiff.ops import _cpp  # noqa: F401  (registers the op's fake, which opcheck runs)
 
     rng = np.random.default_rng(0)
-    # every metric defined (opcheck compares without NaN): both classes in every row
-    values = [torch.from_numpy(rng.random((4, 30)) * 0.1), torch.from_numpy(rng.normal(size=(4, 30)))]
-    torch.library.opcheck(torch.ops.perturbdiff.de_metrics.default, (*values, *values[::-1], 0.05, [5, 10]))
+    # FDRs on both sides of the threshold in every row: every metric defined (opcheck compares
+    # without NaN)
+    fdr_r, fdr_p = (torch.from_numpy(rng.random((4, 30)) * 0.1) for _ in range(2))
+    lfc_r, lfc_p = (torch.from_numpy(rng.normal(size=(4, 30))) for _ in range(2))
+    torch.library.opcheck(torch.ops.perturbdiff.de_metrics.default, (fdr_r, lfc_r, fdr_p, lfc_p, 0.05, [5, 10]))
     inputs = (*_de_inputs(rng, 4, 30), *_de_inputs(rng, 4, 30))
     nan_fdr = inputs[0].clone()
     nan_fdr[2, 3] = math.nan
