@@ -16,7 +16,7 @@ from scipy.spatial.distance import cdist
 
 from perturbdiff.evaluate import evaluate
 from perturbdiff.evaluate.distribution import energy_to_control, mean_pairwise_distance
-from perturbdiff.evaluate import sparse_gram
+from perturbdiff.evaluate import evaluator, sparse_gram
 from perturbdiff.evaluate.sparse_gram import (SplitCells, dense_genes, density, split_distance_to,
                                               split_within)
 
@@ -424,6 +424,42 @@ def test_evaluate_sparse_and_dense_inputs_agree(shared_data, fmt, own_controls):
     num = sparse.select_dtypes("number").columns
     np.testing.assert_allclose(sparse[num].to_numpy(), dense[num].to_numpy(), rtol=1e-9,
                                atol=1e-12)
+
+
+def test_within_split_pays_for_cells_denser_than_their_controls():
+    dense_cells, sparse_cells = np.full(100, 0.9), np.full(100, 0.05)
+    to_ctrl = np.zeros(100, bool)  # the controls rarely store these genes
+    # 3,000 cells of 100 genes either way: in ten perturbations, or in a thousand (fewer pairs)
+    own = sparse_gram.within_genes(dense_cells, to_ctrl, [300] * 10, stored=270_000)
+    assert own is not None and own.all()
+    assert sparse_gram.within_genes(dense_cells, to_ctrl, [3] * 1000, stored=270_000) is None
+    assert sparse_gram.within_genes(sparse_cells, to_ctrl, [300] * 10, stored=15_000) is None
+    assert sparse_gram.within_genes(dense_cells, np.ones(100, bool), [300] * 10, stored=270_000) is None
+
+
+@pytest.mark.parametrize("split", ["never", "always"])
+def test_evaluate_dense_prediction_against_sparse_controls(shared_data, monkeypatch, split):
+    """A prediction stored nearly everywhere (as perturbdiff predict writes it) against sparse
+    real controls: with its cells split apart for their products with each other or not, the
+    metrics equal the dense GEMM path's."""
+    real = ad.read_h5ad(shared_data)[:, :120]
+    real = real[real.obs["cell_type"] == "T98G"].copy()
+    x = real.X.toarray()
+    moved = np.flatnonzero(real.obs["condition"].to_numpy(str) != "control")
+    x[moved] += np.random.default_rng(0).random((len(moved), x.shape[1])) * 0.2
+    pred = ad.AnnData(sp.csr_matrix(x), obs=real.obs, var=real.var)
+    real.X = sp.csr_matrix(real.X)
+    calls = []
+    within_cells = evaluator._Block.within_cells
+    monkeypatch.setattr(evaluator._Block, "within_cells",
+                        lambda *a: calls.append(within_cells(*a)) or calls[-1])
+    monkeypatch.setattr(sparse_gram, "SPLIT_NS" if split == "always" else "WITHIN_GEMM_SAVING_NS", 0.0)
+    sparse = evaluate(pred, real, "condition", "control", profile="cell-eval", progress=False).per_pert
+    assert len(calls) == 2 and (calls[1] is not None) == (split == "always")  # (real, pred)
+    pred.X, real.X = pred.X.toarray(), real.X.toarray()
+    dense = evaluate(pred, real, "condition", "control", profile="cell-eval", progress=False).per_pert
+    num = sparse.select_dtypes("number").columns
+    np.testing.assert_allclose(sparse[num].to_numpy(), dense[num].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
 def _split_columns(x, dense_mask):

@@ -52,7 +52,8 @@ from .expression import discrimination_scores, mean_metrics, target_gene_columns
 from .inputs import (ContextGroups, check_expression, check_genes, dense_tensor, group_cells,
                      group_means, load_anndata)
 from .ranking import masked_pearson
-from .sparse_gram import SplitCells, dense_genes, density, split_distance_to, split_within
+from .sparse_gram import (SplitCells, dense_genes, density, split_distance_to, split_within,
+                          within_genes)
 from .wilcoxon import (SortedControl, benjamini_hochberg, log2_fold_change, rank_sum_test,
                        rank_sum_test_sparse, sort_control, sparse_kernel_available)
 
@@ -108,12 +109,16 @@ class _Control:
     split: SplitCells | None = None  # sparse e-distance: the controls split by gene
     sorted: SortedControl | None = None  # DE
 
-    def energy_distances(self, cells, offsets: np.ndarray) -> torch.Tensor:
+    def energy_distances(self, cells, offsets: np.ndarray, within_cells=None) -> torch.Tensor:
         """The e-distance of each perturbation of ``cells`` (dense, or ``SplitCells`` when the
-        controls are split too), perturbation i owning rows offsets[i]:offsets[i + 1]."""
+        controls are split too), perturbation i owning rows offsets[i]:offsets[i + 1].
+        ``within_cells``: the same cells split on other genes for their products with each other
+        (``sparse_gram.within_genes``), or None."""
         if self.split is not None:
             return energy_to_control(cells, offsets, self.split, self.sq_norms,
-                                     self.self_distance, split_within, split_distance_to)
+                                     self.self_distance,
+                                     lambda c, o: split_within(within_cells or c, o),
+                                     split_distance_to)
         return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
 
 
@@ -193,6 +198,12 @@ class _Block:
     def sets(self, cells) -> list:
         """Each perturbation's rows of the dense tensor ``cells``."""
         return [cells[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def within_cells(self, density: np.ndarray, to_ref: np.ndarray) -> SplitCells | None:
+        """The cells split for their products with each other, when that pays apart from
+        ``to_ref``, their split for the products with the controls (``within_genes``)."""
+        own = within_genes(density, to_ref, np.diff(self.offsets), self.x.nnz)
+        return None if own is None else SplitCells.split(self.x, own)
 
     def de_fdr(self, dense, ctrl: SortedControl, sparse: bool) -> torch.Tensor:
         """BH-adjusted rank-sum p-values [P, G]: the compiled sparse kernel when ``sparse``,
@@ -291,9 +302,12 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 real_dense = r.dense(real_blk, device, dtype)
                 pred_dense = p.dense(pred_blk, device, dtype)
                 real_cells, pred_cells = real_dense[0], pred_dense[0]
+            within_r = within_p = None
             if sparse_cells and not need_sets:
                 real_cells = SplitCells.split(real_blk.x, split_r)
                 pred_cells = SplitCells.split(pred_blk.x, split_p)
+                within_r = real_blk.within_cells(cell_density[0], split_r)
+                within_p = pred_blk.within_cells(cell_density[1], split_p)
             out: dict[str, torch.Tensor] = {}
             if need_de:
                 fdr_r = real_blk.de_fdr(real_dense, r.ctrl.sorted, sparse_de)
@@ -304,8 +318,10 @@ def _evaluate_context(groups: ContextGroups, real: ad.AnnData, pred: ad.AnnData,
                 out.update(_joint_sparse(pred_blk, real_blk, split_r, p.ctrl, r.ctrl, need_edist))
             else:
                 if need_edist:
-                    out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets)
-                    out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets)
+                    out["_edist_real"] = r.ctrl.energy_distances(real_cells, real_blk.offsets,
+                                                                 within_r)
+                    out["_edist_pred"] = p.ctrl.energy_distances(pred_cells, pred_blk.offsets,
+                                                                 within_p)
                 if need_sets:
                     out.update(pred_real_distances(pred_blk.sets(pred_cells),
                                                    real_blk.sets(real_cells)))
