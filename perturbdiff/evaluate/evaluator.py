@@ -115,9 +115,9 @@ class _Control:
         ``within_cells``: the same cells split on other genes for their products with each other
         (``sparse_gram.within_genes``), or None."""
         if self.split is not None:
+            among = cells if within_cells is None else within_cells
             return energy_to_control(cells, offsets, self.split, self.sq_norms,
-                                     self.self_distance,
-                                     lambda c, o: split_within(within_cells or c, o),
+                                     self.self_distance, lambda _, o: split_within(among, o),
                                      split_distance_to)
         return energy_to_control(cells, offsets, self.dense, self.sq_norms, self.self_distance)
 
